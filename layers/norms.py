@@ -1,0 +1,25 @@
+"""RMSNorm (Zhang & Sennrich 2019), as in Llama: y = x / sqrt(mean(x^2) + eps) * scale."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effax.layers.sharding import logical_init
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """Computed in fp32 (a bf16/fp16 sum of squares loses precision or overflows); cast back to x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = nnx.Param(logical_init(nnx.initializers.ones, ("embed",))(rngs.params(), (dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.scale[...], self.eps)

