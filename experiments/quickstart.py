@@ -10,7 +10,7 @@ Expected (2 CPU cores, see docs/benchmarks.md): validation bits-per-byte below 3
 import dataclasses
 
 from effax.models.dense import DenseConfig
-from effax.train.config import CheckpointConfig, Config, DataConfig, EvalConfig, OptimizerConfig, TrainConfig
+from effax.train.config import CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, OptimizerConfig, TrainConfig
 
 
 def get_config(variant: str | None = None) -> Config:
@@ -35,4 +35,4 @@ def get_config(variant: str | None = None) -> Config:
             checkpoint=CheckpointConfig(every=10, keep_last=2),
             eval=EvalConfig(every=10, batches=2),
         )
-    raise ValueError(f"unknown variant {variant!r} of experiments/quickstart.py; valid: smoke")
+    raise ConfigError(f"unknown variant {variant!r} of experiments/quickstart.py; valid: smoke")

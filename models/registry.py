@@ -36,7 +36,7 @@ class ModelConfig:
     """Fields every family shares (a decoder over a token vocabulary)."""
 
     type: str = "dense"
-    vocab_size: int = 0  # 0: the tokenizer's vocabulary size, filled in when the config is resolved
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary rounded up to a multiple of 128, filled in by the trainer
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4

@@ -84,10 +84,14 @@ def make_train_step(graphdef, tx, lr_schedule, cfg: config_lib.Config):
             (grads, stats, other), _ = jax.lax.scan(accumulate, (zeros, stats0, state["other"]), micro)
         updates, opt_state = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        # One pass over the new parameters: a finite loss can still come with an overflowing update, and
+        # the NaN guard must never let such a state reach a checkpoint.
+        params_finite = jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda p: jnp.all(jnp.isfinite(p)), params))
         metrics = {
             "loss": stats.pop("ce_sum") / n_tokens,
+            "params_finite": params_finite.astype(jnp.float32),
             "z_loss": stats.pop("z_loss_sum") / n_tokens,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": lr_schedule(state["step"]),
             **stats,
         }
@@ -114,7 +118,10 @@ def make_eval_step(graphdef):
 def resolve_vocab(cfg: config_lib.Config, tokenizer) -> config_lib.Config:
     """Fills model.vocab_size from the tokenizer, or checks that it is large enough."""
     if cfg.model.vocab_size == 0:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+        # Padded to a multiple of 128: the vocab axis then shards over any tensor axis up to 128 and the
+        # LM-head matmul keeps an accelerator-friendly width. The extra ids are never targets.
+        padded = -(-tokenizer.vocab_size // 128) * 128
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=padded))
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise config_lib.ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                                      f"{tokenizer.vocab_size}; set it to >= {tokenizer.vocab_size} or 0")
@@ -255,8 +262,9 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
             """Fetches one step's figures (the device has the next step queued by now)."""
             nonlocal last_time, last_step, last_loss
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                raise TrainingDiverged(f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; "
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m.pop("params_finite") == 1.0):
+                raise TrainingDiverged(f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} or the updated "
+                                       f"parameters are not finite; "
                                        f"stopping without saving (last good checkpoint: {max(ckpts.steps(), default=None)}). "
                                        f"Lower optimizer.lr, raise optimizer.warmup_steps or set train.z_loss.")
             now = time.perf_counter()

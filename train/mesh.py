@@ -98,14 +98,29 @@ def abstract_model(model_cfg: registry.ModelConfig, mesh, rule_table, seed: int)
         abstract = nnx.eval_shape(lambda: registry.build(model_cfg, rngs=nnx.Rngs(seed)))
         graphdef, state = nnx.split(abstract)
         shardings = nnx.get_named_sharding(state, mesh)
+    check_param_shardings(state, shardings)
     return graphdef, state, shardings
+
+
+def check_param_shardings(abstract_state, shardings) -> None:
+    """Every sharded dimension must divide by its mesh axes; say which parameter and axis when not."""
+    flat_state = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    flat_shard = jax.tree.leaves(shardings)
+    for (path, leaf), sharding in zip(flat_state, flat_shard):
+        for dim, axes in zip(leaf.shape, sharding.spec):
+            axes = (axes,) if isinstance(axes, str) else (axes or ())
+            ways = math.prod(sharding.mesh.shape[a] for a in axes)
+            if dim % ways:
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                raise ConfigError(f"parameter {name} of shape {leaf.shape} cannot be split {ways} ways over mesh axes "
+                                  f"{axes}: its size {dim} is not divisible by {ways}; change the model width or the "
+                                  f"mesh (mesh.fsdp / mesh.tensor)")
 
 
 def init_model(model_cfg: registry.ModelConfig, mesh, rule_table, seed: int):
     """Shape-first init: the real parameters are created by a jitted init directly in their shards."""
     graphdef, _, shardings = abstract_model(model_cfg, mesh, rule_table, seed)
 
-    @jax.jit
     def init():
         return nnx.split(registry.build(model_cfg, rngs=nnx.Rngs(seed)))[1]
 

@@ -1,0 +1,78 @@
+"""RMSNorm, RoPE and SwiGLU against numpy formulas written out here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from effax.layers.mlp import SwiGLU
+from effax.layers.norms import RMSNorm
+from effax.layers.rope import apply_rope
+
+
+def test_rms_norm_matches_formula_and_keeps_dtype():
+    x = np.random.default_rng(0).normal(size=(2, 5, 16)).astype(np.float32)
+    norm = RMSNorm(16, eps=1e-5, rngs=nnx.Rngs(0))
+    scale = np.linspace(0.5, 1.5, 16, dtype=np.float32)
+    norm.scale[...] = jnp.asarray(scale)
+    want = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-5) * scale
+    np.testing.assert_allclose(norm(jnp.asarray(x)), want, rtol=1e-5, atol=1e-6)  # fp32 rounding only
+    assert norm(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_rms_norm_computes_in_fp32():
+    # 300^2 = 9e4 overflows float16 (max 65504): only an fp32 sum of squares gets this right.
+    x = jnp.full((1, 1, 8), 300.0, jnp.float16)
+    y = RMSNorm(8, rngs=nnx.Rngs(0))(x)
+    assert y.dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(y, np.float32), 1.0, rtol=1e-3)  # float16 has 11 significant bits
+
+
+def _rope_numpy(x_BTHD, pos_BT, theta):
+    """Half-split RoPE as complex multiplication: (x_i + i x_{i+D/2}) * exp(i pos theta^(-2i/D))."""
+    D = x_BTHD.shape[-1]
+    z = x_BTHD[..., : D // 2] + 1j * x_BTHD[..., D // 2 :]
+    freq = theta ** (-np.arange(0, D, 2) / D)
+    z = z * np.exp(1j * pos_BT[:, :, None, None] * freq)
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def test_rope_matches_complex_rotation():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 7, 3, 8))
+    pos = rng.integers(0, 1000, size=(2, 7))
+    got = apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(pos), theta=10000.0)
+    # fp32 angles up to 1000 rad carry ~1000 * 6e-8 = 6e-5 absolute phase error.
+    np.testing.assert_allclose(got, _rope_numpy(x, pos, 10000.0), atol=3e-4)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(1, 1, 2, 16)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, 1, 2, 16)), jnp.float32)
+
+    def score(m, n):
+        qm = apply_rope(q, jnp.array([[m]]), theta=500.0)
+        kn = apply_rope(k, jnp.array([[n]]), theta=500.0)
+        return jnp.sum(qm * kn, axis=-1)
+
+    np.testing.assert_allclose(score(3, 1), score(12, 10), rtol=1e-5, atol=1e-5)  # fp32 trig at angles < 12 rad
+    np.testing.assert_allclose(apply_rope(q, jnp.zeros((1, 1), jnp.int32)), q)  # position 0 is the identity
+
+
+def test_swiglu_matches_formula():
+    rng = np.random.default_rng(3)
+    mlp = SwiGLU(8, 24, rngs=nnx.Rngs(0))
+    x = rng.normal(size=(2, 3, 8)).astype(np.float32)
+    g, u, d = (np.asarray(p[...], np.float64) for p in (mlp.gate, mlp.up, mlp.down))
+    a = x @ g
+    want = (a / (1 + np.exp(-a)) * (x @ u)) @ d
+    np.testing.assert_allclose(mlp(jnp.asarray(x)), want, rtol=1e-5, atol=1e-6)  # fp32 matmuls of width <= 24
+    assert mlp.gate.get_metadata()["out_sharding"] == ("embed", "mlp")
+    assert mlp.down.get_metadata()["out_sharding"] == ("mlp", "embed")
+
+
+def test_swiglu_bf16_compute_keeps_fp32_params():
+    mlp = SwiGLU(8, 16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert mlp.gate[...].dtype == jnp.float32
+    assert mlp(jnp.ones((1, 2, 8), jnp.float32)).dtype == jnp.bfloat16
