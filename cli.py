@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "train": ("effax.train.cli", "train a model from an experiment file, or resume a run"),
     "prepare": ("effax.train.prepare", "tokenize a corpus into ArrayRecord shards (optionally train a BPE)"),
+    "bench": ("effax.train.bench", "time the training step of a config and its variants (a table)"),
 }
 
 USAGE = "usage: effax COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(

@@ -160,8 +160,46 @@ def abstract_train_state(graphdef_state_shardings, tx, mesh):
     return state, state_shardings
 
 
-def _with_shardings(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The jitted pieces of a run, shared by `train` and `effax bench model`."""
+
+    graphdef: object
+    abstract_state: object  # ShapeDtypeStructs carrying their shardings: the restore target
+    init_state: object  # () -> a freshly initialised, sharded train state
+    train_step: object  # (state, batch) -> (state, metrics); donates the state
+    eval_step: object  # (state, batch) -> sums of loss, tokens and bytes
+    batch_sharding: jax.sharding.NamedSharding
+
+    def to_global(self, local_batch: dict) -> dict:
+        """This process's rows → global arrays sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
+
+
+def build_trainer(cfg: config_lib.Config, mesh, rules) -> Trainer:
+    """Shape first: the abstract model gives the shardings, and only then does a jitted init create the
+    parameters and optimizer state directly in their shards."""
+    tx, lr_schedule = optimizer_lib.build(cfg.optimizer, cfg.train.steps)
+    shaped = mesh_lib.abstract_model(cfg.model, mesh, rules, cfg.train.seed)
+    abstract_state, state_shardings = abstract_train_state(shaped, tx, mesh)
+    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+
+    def init_state():
+        model = registry.build(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        params, other = nnx.state(model, nnx.Param, ...)
+        rng = jax.random.key_data(jax.random.key(cfg.train.seed)).astype(jnp.uint32)
+        return {"params": params, "other": other, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng}
+
+    return Trainer(
+        graphdef=shaped[0],
+        abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_state, state_shardings),
+        init_state=jax.jit(init_state, out_shardings=state_shardings),
+        train_step=jax.jit(make_train_step(shaped[0], tx, lr_schedule, cfg), in_shardings=(state_shardings, batch_sharding),
+                           out_shardings=(state_shardings, None), donate_argnums=(0,)),
+        eval_step=jax.jit(make_eval_step(shaped[0]), in_shardings=(state_shardings, batch_sharding)),
+        batch_sharding=batch_sharding,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,29 +229,15 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
     val_batches = data_lib.val_batches(cfg.data, batch_size=cfg.train.batch_size, num_batches=cfg.eval.batches,
                                        process_index=pidx, process_count=pcount)
 
-    # Model and optimizer, shape first: nothing is materialised before its sharding is known.
-    tx, lr_schedule = optimizer_lib.build(cfg.optimizer, cfg.train.steps)
-    shaped = mesh_lib.abstract_model(cfg.model, mesh, rules, cfg.train.seed)
-    graphdef = shaped[0]
-    abstract_state, state_shardings = abstract_train_state(shaped, tx, mesh)
-
-    def init_state():
-        model = registry.build(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
-        params, other = nnx.state(model, nnx.Param, ...)
-        rng = jax.random.key_data(jax.random.key(cfg.train.seed)).astype(jnp.uint32)
-        return {"params": params, "other": other, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32), "rng": rng}
-
+    trainer = build_trainer(cfg, mesh, rules)
     ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), cfg.checkpoint)
     log = metrics_lib.MetricsLog(workdir, tensorboard=cfg.logging.tensorboard, enabled=lead)
-    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-
-    def to_global(batch):
-        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+    to_global, graphdef = trainer.to_global, trainer.graphdef
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        restored = ckpts.restore_latest(_with_shardings(abstract_state, state_shardings))
+        restored = ckpts.restore_latest(trainer.abstract_state)
         if restored is None:
-            state = jax.jit(init_state, out_shardings=state_shardings)()
+            state = trainer.init_state()
             start = 0
         else:
             start, state, data_state, _ = restored
@@ -225,11 +249,7 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
         say(f"{cfg.name}: {cfg.model.type} model, {n_params / 1e6:.2f}M parameters, mesh "
             + " × ".join(f"{k}={v}" for k, v in mesh.shape.items()) + f" on {jax.device_count()} {jax.devices()[0].platform} devices")
 
-        train_step = jax.jit(make_train_step(graphdef, tx, lr_schedule, cfg),
-                             in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                             donate_argnums=(0,))
-        eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_shardings, batch_sharding))
-
+        train_step, eval_step = trainer.train_step, trainer.eval_step
         stop = {"signal": None}
 
         def request_stop(signum, _frame):

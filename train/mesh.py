@@ -78,8 +78,9 @@ def check_divisibility(cfg, mesh: jax.sharding.Mesh) -> None:
     if micro % jax.process_count():
         raise ConfigError(f"the micro-batch of {micro} sequences does not split over {jax.process_count()} processes")
     tp = mesh.shape["tensor"]
-    if tp > 1 and cfg.model.n_heads % tp:
-        raise ConfigError(f"model.n_heads={cfg.model.n_heads} is not divisible by mesh.tensor={tp}")
+    for key, heads in (("model.n_heads", cfg.model.n_heads), ("model.n_kv_heads", cfg.model.kv_heads)):
+        if heads % tp:
+            raise ConfigError(f"{key}={heads} is not divisible by mesh.tensor={tp} (tensor parallelism splits heads)")
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rule_table) -> NamedSharding:

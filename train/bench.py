@@ -1,0 +1,113 @@
+"""`effax bench model`: training-step throughput of an experiment config, with variants side by side.
+
+    effax bench model experiments/quickstart.py --vary model.attention_impl=xla,cudnn --set model.dtype=bfloat16
+
+Every variant runs the loop's own jitted train step (`loop.build_trainer`) on real batches from the
+config's data, in this one process, so the ratios between rows are measured under the same conditions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+HELP = """\
+Time the training step of CONFIG (and of each --vary value) and print a table: ms per step, tokens/s,
+model TFLOP/s (from the model's own flops_per_token) and MFU where the device's peak is known, and the
+ratio to the first row. Warm-up steps (compilation included) are not timed; the figure is the median
+of --repeats timed blocks of --steps steps.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="effax bench", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["model"], help="model: the training step of an experiment config")
+    p.add_argument("config", metavar="CONFIG[:VARIANT]")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[])
+    p.add_argument("--vary", metavar="KEY=V1,V2,...", action="append", default=[],
+                   help="one row per value (several --vary give their product)")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    p.add_argument("--out", help="also write the rows as JSON to this file")
+    return p
+
+
+def time_config(cfg, *, steps: int, repeats: int, warmup: int) -> dict:
+    import jax
+    from flax import nnx
+
+    from effax.train import data as data_lib
+    from effax.train import loop
+    from effax.train import mesh as mesh_lib
+    from effax.train import metrics as metrics_lib
+
+    cfg = loop.resolve_vocab(cfg, data_lib.tokenizer_for(cfg.data))
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_divisibility(cfg, mesh)
+    rules = mesh_lib.rules(cfg.mesh)
+    trainer = loop.build_trainer(cfg, mesh, rules)
+    batches = data_lib.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        device_batches = [trainer.to_global(next(batches)) for _ in range(4)]
+        state = trainer.init_state()
+        for i in range(warmup):
+            state, metrics = trainer.train_step(state, device_batches[i % 4])
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for i in range(steps):
+                state, metrics = trainer.train_step(state, device_batches[i % 4])
+            jax.block_until_ready(metrics)
+            times.append((time.perf_counter() - start) / steps)
+    step_s = sorted(times)[len(times) // 2]
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    flops = tokens * cfg.model.flops_per_token(cfg.data.seq_len) / step_s
+    peak = metrics_lib.peak_flops()
+    return {"ms_per_step": 1e3 * step_s, "tokens_per_s": tokens / step_s, "model_tflops": flops / 1e12,
+            "mfu": flops / (peak * jax.device_count()) if peak else None, "loss": float(metrics["loss"]),
+            "params_m": cfg.model.param_count() / 1e6}
+
+
+def main(argv: list[str]) -> int:
+    import itertools
+
+    args = build_parser().parse_args(argv)
+    from effax.train import config as config_lib
+
+    axes = []
+    for item in args.vary:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            print(f"effax bench: --vary {item!r} must look like KEY=V1,V2", file=sys.stderr)
+            return 2
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    variants = [list(v) for v in itertools.product(*axes)] or [[]]
+    try:
+        configs = [config_lib.resolve(args.config, args.overrides + v) for v in variants]
+    except config_lib.ConfigError as e:
+        print(f"effax bench: config error: {e}", file=sys.stderr)
+        return 2
+    import jax
+
+    print(f"{args.config} {' '.join(args.overrides)} on {jax.device_count()} × {jax.devices()[0].device_kind}")
+    rows = []
+    header = f"{'variant':<40} {'params':>8} {'ms/step':>9} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'ratio':>7}"
+    print(header)
+    for variant, cfg in zip(variants, configs):
+        row = {"variant": " ".join(variant) or "(as configured)", **time_config(cfg, steps=args.steps,
+                                                                                repeats=args.repeats, warmup=args.warmup)}
+        row["ratio"] = rows[0]["ms_per_step"] / row["ms_per_step"] if rows else 1.0
+        rows.append(row)
+        mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"
+        print(f"{row['variant']:<40} {row['params_m']:>7.1f}M {row['ms_per_step']:>9.1f} {row['tokens_per_s']:>11.0f} "
+              f"{row['model_tflops']:>9.3f} {mfu:>7} {row['ratio']:>6.2f}x", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"config": args.config, "overrides": args.overrides, "device": jax.devices()[0].device_kind,
+                       "devices": jax.device_count(), "rows": rows}, f, indent=2)
+    return 0
