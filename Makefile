@@ -3,8 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# 8 fake CPU devices for the sharding tests; set before jax is imported (tests/conftest.py also sets it).
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+# (The tests give themselves 8 fake CPU devices in tests/conftest.py; the demo runs on the real ones.)
 
 .PHONY: demo test test-slow install clean
 
