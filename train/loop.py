@@ -217,6 +217,7 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
     lead = jax.process_index() == 0
     say = (lambda *a: None) if quiet or not lead else print
 
+    workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     check_resumable(workdir, cfg)
     if lead:
