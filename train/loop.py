@@ -129,13 +129,14 @@ def resolve_vocab(cfg: config_lib.Config, tokenizer) -> config_lib.Config:
 
 
 def check_resumable(workdir: str, cfg: config_lib.Config) -> None:
-    """A workdir is resumed only by the same run: model, data, batch and seed must match."""
+    """A workdir is resumed only by the same run: model, data, batch and seed must match. The mesh may
+    change (the checkpoint restores into any sharding), and so may steps, intervals and logging."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
     old = config_lib.to_dict(config_lib.from_json(path))
     new = config_lib.to_dict(cfg)
-    fixed = ["model", "data", "mesh"]
+    fixed = ["model", "data"]
     diffs = [f"{s}.{k}: {old[s].get(k)!r} → {new[s][k]!r}" for s in fixed for k in new[s] if old[s].get(k) != new[s][k]]
     diffs += [f"train.{k}: {old['train'][k]!r} → {new['train'][k]!r}" for k in ("batch_size", "seed", "microbatches")
               if old["train"][k] != new["train"][k]]
@@ -324,6 +325,7 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
                             progress.write(f"step {step}: val loss {val['loss']:.4f}, bpb {val['bpb']:.4f}")
                     if save_now:
                         ckpts.save(step, state, train_iter.get_state(), {"step": step, "config": config_lib.to_dict(cfg)})
+                    last_time, last_step = time.perf_counter(), step  # tokens/s leaves out eval and save time
                 if stop["signal"] is not None:
                     exit_status = INTERRUPTED_EXIT[stop["signal"]]
                     say(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved. "
