@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effax.layers.kv_cache import KVCache
 from effax.layers.rope import apply_rope
 from effax.layers.sharding import constrain, logical_init
 
@@ -186,6 +187,35 @@ def attention(q_BTHD, k_BTKD, v_BTKD, *, mask: Mask, impl: str = "auto", scale: 
     raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
 
 
+def cache_attention(q_BTHD, k_BSKD, v_BSKD, *, q_positions_BT, mask: Mask, scale: float | None = None) -> jax.Array:
+    """Queries at absolute positions `q_positions_BT` attend a KV cache whose slot s holds position s.
+
+    Key s is visible to a query at position p iff s <= p and, with a window W, p - s < W: the `Mask`
+    rules with positions in place of indices. Slots past a row's current length (stale prompt padding,
+    zeros) all have s > p, so causality alone hides them, and rows of different lengths need nothing
+    more. Segment ids and non-causal masks have no meaning for a cache and raise. Same fp32 numerics
+    and [B, K, G, ., .] layout as `_xla_attention`; a single query row makes it memory-bound, so a
+    fused decode kernel (jax.experimental.pallas.ops gpu decode_attention) is the lever on GPU.
+    """
+    if not mask.causal or mask.segment_ids_BT is not None:
+        raise NotImplementedError("cache_attention: a KV cache takes only causal masks (optionally windowed), no segment ids")
+    B, T, H, D = q_BTHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    q_BKGTD = q_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
+    k_BKSD = k_BSKD.transpose(0, 2, 1, 3)
+    v_BKSD = v_BSKD.transpose(0, 2, 1, 3)
+    logits_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD, preferred_element_type=jnp.float32) * scale
+    pos_BT1 = q_positions_BT[:, :, None]
+    slot_11S = jnp.arange(S)[None, None, :]
+    allowed_BTS = slot_11S <= pos_BT1
+    if mask.window is not None:
+        allowed_BTS &= pos_BT1 - slot_11S < mask.window
+    probs_BKGTS = jax.nn.softmax(jnp.where(allowed_BTS[:, None, None], logits_BKGTS, _NEG), axis=-1)
+    out_BKGTD = jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS.astype(v_BSKD.dtype), v_BKSD, preferred_element_type=jnp.float32)
+    return out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BTHD.dtype)
+
+
 class Attention(nnx.Module):
     """Multi-head / grouped-query self-attention with RoPE; no biases.
 
@@ -225,6 +255,11 @@ class Attention(nnx.Module):
         self.o = kernel(out_std, (n_heads, head_dim, d_model), ("heads", "head_dim", "embed"))
 
     def __call__(self, x_BTD: jax.Array, *, positions_BT: jax.Array, mask: Mask) -> jax.Array:
+        q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT)
+        return self.project_out(attention(q_BTHD, k_BTKD, v_BTKD, mask=mask, impl=self.impl))
+
+    def qkv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The projections, with RoPE at `positions_BT` on q and k, in the compute dtype."""
         dt = self.dtype
         x_BTD = x_BTD.astype(dt)
         q_BTHD = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
@@ -232,5 +267,26 @@ class Attention(nnx.Module):
         v_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
         q_BTHD = constrain(apply_rope(q_BTHD, positions_BT, theta=self.rope_theta), ("batch", "seq", "heads", "head_dim"))
         k_BTKD = constrain(apply_rope(k_BTKD, positions_BT, theta=self.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
-        out_BTHD = attention(q_BTHD, k_BTKD, v_BTKD, mask=mask, impl=self.impl)
-        return jnp.einsum("bthk,hkd->btd", out_BTHD, self.o[...].astype(dt))
+        return q_BTHD, k_BTKD, v_BTKD
+
+    def project_out(self, out_BTHD: jax.Array) -> jax.Array:
+        return jnp.einsum("bthk,hkd->btd", out_BTHD, self.o[...].astype(self.dtype))
+
+    # Decoding with a KV cache (layers/kv_cache.py). `layer` indexes the cache's stacked layer axis.
+
+    def prefill(self, x_BTD, *, positions_BT, mask: Mask, cache: KVCache, layer) -> tuple[jax.Array, KVCache]:
+        """Self-attention over a prompt (the same `attention` call as training, so the same impls),
+        storing its K/V in slots 0..T-1 of an empty cache. Right padding is harmless: under a causal
+        mask no real token sees a pad, and decoding overwrites pad slots before it can see them."""
+        q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT)
+        cache = cache.write(layer, k_BTKD, v_BTKD, start_B=jnp.zeros(x_BTD.shape[0], jnp.int32))
+        return self.project_out(attention(q_BTHD, k_BTKD, v_BTKD, mask=mask, impl=self.impl)), cache
+
+    def decode(self, x_BTD, *, positions_BT, mask: Mask, cache: KVCache, layer) -> tuple[jax.Array, KVCache]:
+        """New tokens at `positions_BT` (T consecutive positions per row, usually T=1): their K/V go into
+        the cache at those slots, then their queries attend over the whole cache."""
+        q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT)
+        cache = cache.write(layer, k_BTKD, v_BTKD, start_B=positions_BT[:, 0])
+        k_BSKD, v_BSKD = cache.layer(layer)
+        out_BTHD = cache_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT=positions_BT, mask=mask)
+        return self.project_out(out_BTHD), cache

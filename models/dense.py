@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effax.layers.attention import IMPLS, Attention, Mask
+from effax.layers.kv_cache import KVCache
 from effax.layers.mlp import SwiGLU
 from effax.layers.norms import RMSNorm
 from effax.layers.sharding import constrain, logical_init
@@ -104,6 +105,13 @@ class Block(nnx.Module):
         x_BTD = constrain(x_BTD + self.attn(self.attn_norm(x_BTD), positions_BT=positions_BT, mask=mask), RESIDUAL)
         return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), RESIDUAL)
 
+    def cached(self, x_BTD, positions_BT, mask: Mask, cache: KVCache, layer, *, prefill: bool):
+        """The same block, with attention reading/writing `cache` (Attention.prefill or .decode)."""
+        attend = self.attn.prefill if prefill else self.attn.decode
+        out_BTD, cache = attend(self.attn_norm(x_BTD), positions_BT=positions_BT, mask=mask, cache=cache, layer=layer)
+        x_BTD = constrain(x_BTD + out_BTD, RESIDUAL)
+        return constrain(x_BTD + self.mlp(self.mlp_norm(x_BTD)), RESIDUAL), cache
+
 
 def remat_layer(fn, remat: str):
     """Wraps a scan body (carry, layer_params) -> ... in jax.checkpoint per `remat`."""
@@ -161,6 +169,48 @@ class Dense(nnx.Module):
 
         x_BTD, _ = jax.lax.scan(remat_layer(layer, self.cfg.remat), x_BTD, stacked)
         return x_BTD
+
+    # Decoding with a cache. `cache` is opaque to callers: build it with init_cache, thread it through.
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated), in the
+        compute dtype unless `dtype` says otherwise."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
+        cache = KVCache.zeros(cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.dim_per_head, dtype)
+        axes = ("layers", "batch", "seq", "kv_heads", "head_dim")  # rows over data axes, kv heads over tensor
+        return dataclasses.replace(cache, k_LBSKD=constrain(cache.k_LBSKD, axes), v_LBSKD=constrain(cache.v_LBSKD, axes))
+
+    def prefill(self, tokens_BT, lengths_B, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Runs right-padded prompts (row b's prompt is tokens_BT[b, :lengths_B[b]], lengths >= 1) through
+        an empty cache. Returns fp32 logits [B, V] at each row's last prompt token, and the cache
+        holding lengths_B tokens per row. The LM head runs on those B positions only."""
+        B, T = tokens_BT.shape
+        positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x_BTD, cache = self._run_cached(self.embed_tokens(tokens_BT), positions_BT, cache, prefill=True)
+        last_B11 = (lengths_B.astype(jnp.int32) - 1)[:, None, None]
+        x_B1D = jnp.take_along_axis(x_BTD, last_B11, axis=1)
+        return self.logits(x_B1D)[:, 0], dataclasses.replace(cache, lengths_B=lengths_B.astype(jnp.int32))
+
+    def decode_step(self, tokens_B, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Appends one token per row at position cache.lengths_B and returns the fp32 logits [B, V] for
+        the next one. The caller keeps lengths below the cache's max_len (writes past it are dropped)."""
+        positions_B1 = cache.lengths_B[:, None]
+        x_B1D, cache = self._run_cached(self.embed_tokens(tokens_B[:, None]), positions_B1, cache, prefill=False)
+        return self.logits(x_B1D)[:, 0], dataclasses.replace(cache, lengths_B=cache.lengths_B + 1)
+
+    def _run_cached(self, x_BTD, positions_BT, cache: KVCache, *, prefill: bool):
+        """`run_blocks` with the cache in the scan carry (updated in place), the layer index as xs."""
+        graphdef, stacked = nnx.split(self.blocks)
+        mask = Mask(causal=True)  # as in __call__ (no window, no packing at decode time)
+
+        def layer(carry, xs):
+            x_BTD, cache = carry
+            params, i = xs
+            return nnx.merge(graphdef, params).cached(x_BTD, positions_BT, mask, cache, i, prefill=prefill), None
+
+        (x_BTD, cache), _ = jax.lax.scan(layer, (x_BTD, cache), (stacked, jnp.arange(self.cfg.n_layers)))
+        return x_BTD, cache
 
     def logits(self, x_BTD) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)

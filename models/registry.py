@@ -16,6 +16,12 @@ The module contract (every family):
   * `model(tokens_BT, *, positions_BT, segment_ids_BT) -> (logits_BTV, aux)` where `aux` is a dict
     of scalar auxiliary losses, already weighted, that the loop adds to the loss (empty for dense).
   * The config class implements `param_count()` and `flops_per_token(seq_len)`.
+  * Decoding (optional; needed by eval's generate/throughput): `init_cache(batch, max_len, dtype=None)
+    -> cache`, an opaque pytree the model owns (KV cache, recurrent state, ...);
+    `prefill(tokens_BT, lengths_B, cache) -> (logits_BV, cache)` for right-padded prompts (row b's prompt
+    is tokens_BT[b, :lengths_B[b]], lengths >= 1) into a fresh cache, fp32 logits at each row's last
+    prompt token; `decode_step(tokens_B, cache) -> (logits_BV, cache)` appends one token per row and
+    returns the next-token logits. `max_len` bounds prompt + generated tokens.
 """
 
 from __future__ import annotations
