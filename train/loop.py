@@ -18,11 +18,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from effax.models import registry
+from effax.models.generate import generate
 from effax.train import checkpoint as ckpt_lib
 from effax.train import config as config_lib
 from effax.train import data as data_lib
@@ -346,26 +346,12 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
             say(f"  metrics     {os.path.join(workdir, 'metrics.jsonl')}")
             say(f"  tensorboard tensorboard --logdir {os.path.join(workdir, 'tb')}")
             say(f"  checkpoints {ckpts.directory} (steps {ckpts.steps()})")
-            if cfg.train.sample_prompt and lead:
+            if cfg.train.sample_prompt and jax.process_count() > 1:
+                # The sampler runs a one-process program on the sharded model; across processes it
+                # would wait for peers that have finished. `effax eval --suite generate` samples instead.
+                say("sample: skipped in a multi-process run (use effax eval --suite generate)")
+            elif cfg.train.sample_prompt:
                 model = nnx.merge(graphdef, state["params"], state["other"])
-                say("sample: " + repr(greedy_sample(model, tokenizer, cfg.train.sample_prompt, cfg.train.sample_tokens,
-                                                    cfg.data.seq_len)))
+                completion = generate(model, tokenizer, [cfg.train.sample_prompt], max_new_tokens=cfg.train.sample_tokens)[0]
+                say("sample (greedy): " + repr(cfg.train.sample_prompt + completion))
     return exit_status
-
-
-def greedy_sample(model, tokenizer, prompt: str, n_tokens: int, context: int) -> str:
-    """Greedy continuation without a cache (a fixed-size window, so one compile); the eval suite's
-    `generate` is the cached, batched version."""
-    ids = [int(t) for t in tokenizer.encode(prompt)][-context:]
-    forward = nnx.jit(lambda m, x: m(x)[0])
-    out = []
-    for _ in range(n_tokens):
-        window = ids[-context:]
-        pad = context - len(window)
-        x = jnp.asarray([window + [0] * pad], jnp.int32)  # right padding: causal attention never sees it
-        nxt = int(jnp.argmax(forward(model, x)[0, len(window) - 1]))
-        if nxt == tokenizer.eos_id:
-            break
-        ids.append(nxt)
-        out.append(nxt)
-    return prompt + tokenizer.decode(np.asarray(out, np.int32))
