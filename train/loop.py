@@ -342,7 +342,8 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
                 signal.signal(s, h)
 
         if exit_status == 0:
-            say(f"done: {step} steps, final train loss {last_loss:.4f}")
+            say(f"done: {step} steps" + (f", final train loss {last_loss:.4f}" if last_loss is not None
+                                         else " (the run had already finished; nothing to do)"))
             say(f"  metrics     {os.path.join(workdir, 'metrics.jsonl')}")
             say(f"  tensorboard tensorboard --logdir {os.path.join(workdir, 'tb')}")
             say(f"  checkpoints {ckpts.directory} (steps {ckpts.steps()})")

@@ -141,6 +141,10 @@ def test_workdir_outputs(tmp_path):
     assert "mfu" not in train_rows[-1]  # no invented peak FLOP/s on CPU
     assert val_rows and {"loss", "bpb"} <= set(val_rows[-1])
     assert any(p.startswith("events.out.tfevents") for p in os.listdir(tmp_path / "tb"))
+    # Re-running a finished run is a no-op that succeeds.
+    before = (tmp_path / "metrics.jsonl").read_text()
+    assert loop.train(cfg, str(tmp_path), quiet=True) == 0
+    assert (tmp_path / "metrics.jsonl").read_text() == before
     # Resuming a finished run with a different model is refused, naming the difference.
     with pytest.raises(config_lib.ConfigError, match="model.d_model"):
         loop.train(config_lib.resolve(SMOKE, ["train.steps=10", "model.d_model=32"]), str(tmp_path), quiet=True)
