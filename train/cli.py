@@ -20,6 +20,11 @@ checkpoint.every eval.every (all keys: --print-config).
 The workdir receives config.json, metrics.jsonl (one JSON line per logged step), tb/ (TensorBoard)
 and checkpoints/. Re-running the same command resumes from the latest good checkpoint; SIGTERM or
 Ctrl-C saves a checkpoint and exits (status 143 / 130).
+
+Multi-host: start the same command once per process with --coordinator HOST:PORT (process 0's
+address) --num-processes N --process-id I; under Slurm (`srun` with several tasks) nothing is needed,
+the processes find each other from Slurm's environment. Each process reads only its rows of every
+batch; process 0 writes config.json and metrics; checkpoints are written by all together.
 """
 
 
@@ -31,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides, e.g. --set train.steps=200 model.d_model=256")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary lines")
+    g = p.add_argument_group("multi-host (all three together; automatic inside a many-task Slurm step)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", default=None, help="address of process 0's coordinator")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N", help="processes in the run")
+    g.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's index, 0 … N-1")
     return p
 
 
@@ -54,6 +63,13 @@ def main(argv: list[str]) -> int:
 
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return 0
+    from effax.train import distributed
+
+    try:  # before anything queries a device (the loop does, from its first line)
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except distributed.DistributedError as e:
+        print(f"effax train: {e}", file=sys.stderr)
+        return 2
     from effax.train import loop
 
     try:

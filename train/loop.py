@@ -314,7 +314,10 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
                     record(*pending)
                 pending = (step, metrics)
                 at_end = step == cfg.train.steps
-                save_now = at_end or stop["signal"] is not None or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
+                # Read the flag once: a signal that lands later in this iteration (during eval or the save)
+                # is acted on after the next step, never between deciding not to save and stopping.
+                stopping = stop["signal"]
+                save_now = at_end or stopping is not None or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
                 eval_now = at_end or (cfg.eval.every and step % cfg.eval.every == 0)
                 if save_now or eval_now:
                     record(*pending)  # checked finite before anything is saved
@@ -326,9 +329,9 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
                     if save_now:
                         ckpts.save(step, state, train_iter.get_state(), {"step": step, "config": config_lib.to_dict(cfg)})
                     last_time, last_step = time.perf_counter(), step  # tokens/s leaves out eval and save time
-                if stop["signal"] is not None:
-                    exit_status = INTERRUPTED_EXIT[stop["signal"]]
-                    say(f"\nstopped by signal {stop['signal']} at step {step}; checkpoint saved. "
+                if stopping is not None:
+                    exit_status = INTERRUPTED_EXIT[stopping]
+                    say(f"\nstopped by signal {stopping} at step {step}; checkpoint saved. "
                         f"Re-run the same command to resume.")
                     break
             if pending is not None:

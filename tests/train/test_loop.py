@@ -148,3 +148,20 @@ def test_workdir_outputs(tmp_path):
     # Resuming a finished run with a different model is refused, naming the difference.
     with pytest.raises(config_lib.ConfigError, match="model.d_model"):
         loop.train(config_lib.resolve(SMOKE, ["train.steps=10", "model.d_model=32"]), str(tmp_path), quiet=True)
+
+
+def test_signal_during_eval_still_saves(tmp_path, monkeypatch):
+    # A SIGTERM landing while validation runs (after the step decided whether to save) must still leave a
+    # checkpoint at the step where the run stops.
+    write = metrics_lib.MetricsLog.write
+
+    def write_then_signal(self, step, split, figures):
+        write(self, step, split, figures)
+        if split == "val" and step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(metrics_lib.MetricsLog, "write", write_then_signal)
+    cfg = config_lib.resolve(SMOKE, QUIET + ["train.steps=1000", "checkpoint.every=1000", "eval.every=10"])
+    assert loop.train(cfg, str(tmp_path), quiet=True) == 143
+    last = metrics_lib.read(str(tmp_path), "train")[-1]["step"]
+    assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [last]
