@@ -5,7 +5,6 @@ import argparse
 import math
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """RMSNorm, RoPE and SwiGLU against numpy formulas written out here."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -2,7 +2,6 @@
 their errors, the grain iterators (determinism, resume, multi-process equivalence) and speed."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -282,18 +281,3 @@ def test_val_batches(small_cfg):
                                       batches[s]["tokens"])
     with pytest.raises(DataError, match=rf"has {n} windows of data.seq_len=16, fewer than one batch of {n + 1}"):
         data.val_batches(small_cfg, batch_size=n + 1, num_batches=1)
-
-
-def test_batch_speed():
-    # 32 x 256 windows of the default corpus, computed synchronously: < 5 ms each (best of 3 runs of 20).
-    it = data.train_iterator(DataConfig(), batch_size=32, seed=0)
-    it.batch(0)
-    best = min(_timed(lambda: [it.batch(s) for s in range(20)]) for _ in range(3)) / 20
-    assert best < 5e-3, f"{best * 1e3:.2f} ms per batch"
-    it.close()
-
-
-def _timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t

@@ -5,7 +5,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from effax.train import checkpoint as ckpt_lib
 from effax.train import config as config_lib

@@ -3,7 +3,6 @@ a capped job array of two runs, a 2-task multi-host run, and Ctrl-C cancelling t
 
 import os
 import subprocess
-import sys
 import time
 
 import numpy as np

@@ -272,7 +272,10 @@ def test_kill_relaunch_and_interrupt_lose_and_repeat_nothing(tmp_path):
 
     # The relaunch may use other launch options: concurrency 2 runs the resume of 1 beside the start of 2.
     second = subprocess.Popen([*cmd, "--concurrency", "2"], stdout=out, stderr=subprocess.STDOUT, env=env)
-    _wait_for(lambda: store_lib.finished_on_disk(wd[1]) and _checkpoints(wd[2]), "run 2 has a checkpoint", second)
+    # Wait for run 1's process to have exited, not just for its files: a Ctrl-C during its shutdown would
+    # (rightly) record that attempt as interrupted.
+    _wait_for(lambda: "attempt 2 ended" in (root / runs[1].run_id / "train.log").read_text() and _checkpoints(wd[2]),
+              "run 1 ended and run 2 has a checkpoint", second)
     second.send_signal(signal.SIGINT)
     assert second.wait(timeout=60) == 130, (tmp_path / "launcher.log").read_text()
 
