@@ -53,7 +53,12 @@ def _stop_with_parent() -> None:
 def try_lock(workdir: str) -> int | None:
     """An fd holding the run's exclusive lock, or None while another process holds it."""
     os.makedirs(workdir, exist_ok=True)
-    fd = os.open(os.path.join(workdir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    return try_lock_file(os.path.join(workdir, LOCK_NAME))
+
+
+def try_lock_file(path: str) -> int | None:
+    """An fd holding an exclusive flock on `path` (released when the process dies), or None if taken."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return fd

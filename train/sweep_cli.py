@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import signal
@@ -86,13 +85,9 @@ def status_table(runs: list[dict]) -> str:
 
 def _launcher_lock(root: str) -> int | None:
     """An fd holding ROOT/.launcher.lock, or None if another `effax sweep` holds it."""
-    fd = os.open(os.path.join(root, ".launcher.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except BlockingIOError:
-        os.close(fd)
-        return None
+    from effax.train.local import try_lock_file
+
+    return try_lock_file(os.path.join(root, ".launcher.lock"))
 
 
 # ---------------------------------------------------------------------------------------------------
