@@ -348,7 +348,9 @@ def _huber_lm(theta, x, y, logL, W, delta, iters: int = 200):
         H = np.einsum("rni,rn,rnj->rij", J, u, J)
         g = np.einsum("rni,rn->ri", J, u * r)
         Hd = H + lam[:, None, None] * (np.eye(5) * np.diagonal(H, axis1=1, axis2=2)[:, None, :] + 1e-12 * np.eye(5))
-        step = -np.linalg.solve(Hd, g[..., None])[..., 0]
+        # pinv, not solve: a resample can leave a direction unidentified (e.g. every drawn run at one N),
+        # and its Hessian is then singular; the minimal-norm step leaves that direction where it was.
+        step = -(np.linalg.pinv(Hd) @ g[..., None])[..., 0]
         new = theta + step
         r2, P2, f2 = resid(new)
         ok = f2 <= f

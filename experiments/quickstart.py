@@ -3,8 +3,9 @@
     effax train experiments/quickstart.py --workdir runs/quickstart          # `make demo`
     effax train experiments/quickstart.py:smoke --workdir /tmp/smoke         # a tiny model, seconds
 
-Expected (2 CPU cores, see docs/benchmarks.md): validation bits-per-byte below 3.0 in under
-5 minutes; the byte-unigram entropy of English is about 4.5 bits.
+Measured (2 CPU cores, docs/benchmarks.md): `make demo` 4 min 36 s from a fresh clone, ~3,700 tokens/s,
+validation bits-per-byte 2.770 at step 200 (3.0 is passed between steps 100 and 150); the
+byte-unigram entropy of English is about 4.5 bits.
 """
 
 import dataclasses
