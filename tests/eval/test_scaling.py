@@ -105,6 +105,17 @@ def test_vectorised_bootstrap_refit_matches_lbfgs():
         assert th[3] == pytest.approx(ref.alpha, abs=1e-3) and th[4] == pytest.approx(ref.beta, abs=1e-3)
 
 
+def test_bootstrap_survives_a_degenerate_fit():
+    """A real 9-run CPU sweep (one shape of experiments/scaling/dense.py) where approach 3 runs off to an
+    unidentified optimum: some resamples then have a singular Hessian. The bootstrap must still finish
+    with finite draws (it raised LinAlgError before the refit used a pseudo-inverse)."""
+    N = np.array([320320, 41784, 131080, 41784, 41784, 131080, 320320, 320320, 131080], float)
+    D = np.array([452608, 7612800, 321792, 761600, 2283648, 3216384, 1507200, 150528, 964608], float)
+    L = np.array([2.4022, 1.3817, 2.2236, 1.9724, 1.482, 1.3059, 1.5717, 2.4766, 1.8628])
+    draws = scaling.bootstrap_approach3(N, D, L, scaling.approach3(N, D, L), 1000, np.random.default_rng(0))
+    assert all(np.all(np.isfinite(v)) for v in draws.values())
+
+
 def test_heldout_prediction_is_exact_on_noiseless_data(exact):
     h = exact["heldout"]
     assert h["held_out_budget"] == pytest.approx(1e21) and h["n_held_out"] == 8
