@@ -27,7 +27,6 @@ The module contract (every family):
 from __future__ import annotations
 
 import dataclasses
-import typing
 from typing import Callable, Literal
 
 DTypeName = Literal["float32", "bfloat16"]
@@ -141,8 +140,3 @@ def build(cfg: ModelConfig, *, rngs):
     if not isinstance(cfg, config_cls):
         raise ConfigError(f"model.type={cfg.type!r} needs a {config_cls.__name__}, got {type(cfg).__name__}")
     return model_cls(cfg, rngs=rngs)
-
-
-def field_types(cls) -> dict[str, object]:
-    """Resolved annotations of a config dataclass (used by the `--set` parser)."""
-    return typing.get_type_hints(cls)

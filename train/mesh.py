@@ -116,15 +116,3 @@ def check_param_shardings(abstract_state, shardings) -> None:
                 raise ConfigError(f"parameter {name} of shape {leaf.shape} cannot be split {ways} ways over mesh axes "
                                   f"{axes}: its size {dim} is not divisible by {ways}; change the model width or the "
                                   f"mesh (mesh.fsdp / mesh.tensor)")
-
-
-def init_model(model_cfg: registry.ModelConfig, mesh, rule_table, seed: int):
-    """Shape-first init: the real parameters are created by a jitted init directly in their shards."""
-    graphdef, _, shardings = abstract_model(model_cfg, mesh, rule_table, seed)
-
-    def init():
-        return nnx.split(registry.build(model_cfg, rngs=nnx.Rngs(seed)))[1]
-
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rule_table):
-        state = jax.jit(init, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
