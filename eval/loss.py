@@ -5,7 +5,7 @@
 
 Scored text: the packed windows of train/data.py (documents joined by EOS; a target is scored iff it
 belongs to its input's document; the stream's last incomplete window is left out), in order, in batches
-of train.batch_size sequences. A final partial batch is padded with unscored rows, so "all" is all.
+of eval.batch_size sequences (the run's validation batch). A final partial batch is padded with unscored rows, so "all" is all.
 
     loss = Σ CE (nats) / scored tokens        bpb = Σ CE / ln 2 / Σ bytes of the scored targets
 
@@ -33,6 +33,7 @@ from tqdm import tqdm
 from effax.train import data as data_lib
 from effax.train import loop
 from effax.train import mesh as mesh_lib
+from effax.train import config as config_lib
 from effax.train.config import ConfigError, DataConfig
 
 
@@ -46,7 +47,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--batches", type=int, default=None, metavar="N",
                    help="score only the first N batches (default: all)")
     g.add_argument("--batch-size", type=int, default=None, metavar="B",
-                   help="sequences per batch (default: train.batch_size)")
+                   help="sequences per batch (default: the run's eval.batch_size, else train.batch_size)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,7 +185,7 @@ def score(ctx, windows, batch_size: int, num_batches: int | None) -> dict:
 def _figures(ctx, opts) -> tuple[dict, str]:
     """(sums, corpus description), computed once per (checkpoint, data) for both suites."""
     data, split = getattr(opts, "data", None), getattr(opts, "split", None)
-    batch_size = getattr(opts, "batch_size", None) or ctx.cfg.train.batch_size
+    batch_size = getattr(opts, "batch_size", None) or config_lib.eval_batch_size(ctx.cfg)
     num_batches = getattr(opts, "batches", None)
     if (num_batches is not None and num_batches < 1) or batch_size < 1:
         raise ConfigError(f"--batches and --batch-size must be positive, got {num_batches} and {batch_size}")

@@ -94,7 +94,13 @@ class LoggingConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     every: int = 200  # validation every N steps (and at the end); 0: only at the end
-    batches: int = 8  # validation batches (of train.batch_size sequences) per evaluation
+    batches: int = 8  # validation batches per evaluation
+    batch_size: int = 0  # sequences per validation batch; 0: train.batch_size. Validation is the first
+    # batches × batch_size windows of the val split, so runs that must be compared (a sweep) fix it.
+
+
+def eval_batch_size(cfg: "Config") -> int:
+    return cfg.eval.batch_size or cfg.train.batch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +225,8 @@ def validate(cfg: Config) -> None:
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     for key, value in [("checkpoint.every", cfg.checkpoint.every), ("eval.every", cfg.eval.every),
-                       ("checkpoint.keep_every", cfg.checkpoint.keep_every), ("optimizer.warmup_steps", o.warmup_steps)]:
+                       ("checkpoint.keep_every", cfg.checkpoint.keep_every), ("optimizer.warmup_steps", o.warmup_steps),
+                       ("eval.batch_size", cfg.eval.batch_size)]:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if t.batch_size % t.microbatches:

@@ -228,7 +228,7 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
     pidx, pcount = jax.process_index(), jax.process_count()
     train_iter = data_lib.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                          process_index=pidx, process_count=pcount)
-    val_batches = data_lib.val_batches(cfg.data, batch_size=cfg.train.batch_size, num_batches=cfg.eval.batches,
+    val_batches = data_lib.val_batches(cfg.data, batch_size=config_lib.eval_batch_size(cfg), num_batches=cfg.eval.batches,
                                        process_index=pidx, process_count=pcount)
 
     trainer = build_trainer(cfg, mesh, rules)

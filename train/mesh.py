@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from effax.models import registry
 from effax.models.registry import ConfigError
+from effax.train import config as config_lib
 
 AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -77,6 +78,10 @@ def check_divisibility(cfg, mesh: jax.sharding.Mesh) -> None:
             f"use a multiple of {batch_ways * cfg.train.microbatches}")
     if micro % jax.process_count():
         raise ConfigError(f"the micro-batch of {micro} sequences does not split over {jax.process_count()} processes")
+    eval_batch = config_lib.eval_batch_size(cfg)
+    if eval_batch % batch_ways or eval_batch % jax.process_count():
+        raise ConfigError(f"eval.batch_size={eval_batch} is not divisible by the data axes mesh.data × mesh.fsdp = "
+                          f"{batch_ways} and the {jax.process_count()} processes")
     tp = mesh.shape["tensor"]
     for key, heads in (("model.n_heads", cfg.model.n_heads), ("model.n_kv_heads", cfg.model.kv_heads)):
         if heads % tp:

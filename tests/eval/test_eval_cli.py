@@ -19,8 +19,9 @@ from effax.train import config as config_lib
 from effax.train import loop
 
 SMOKE = str(pathlib.Path(__file__).resolve().parents[2] / "experiments/quickstart.py") + ":smoke"
-SHORT = ["train.steps=6", "checkpoint.every=3", "eval.every=3", "eval.batches=1", "logging.tensorboard=false",
-         "logging.progress=false"]
+# eval.batch_size=16 ≠ train.batch_size=8 of the smoke config: `effax eval` must score the loop's batches.
+SHORT = ["train.steps=6", "checkpoint.every=3", "eval.every=3", "eval.batches=1", "eval.batch_size=16",
+         "logging.tensorboard=false", "logging.progress=false"]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def test_outputs(run, tmp_path, capsys):
     assert loss["step"] == 6 and loss["suite"] == "loss" and loss["mesh"]["data"] == 8
     val = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")) if '"val"' in line][-1]
     assert loss["figures"]["loss"] == pytest.approx(val["loss"], rel=1e-6)  # eval.batches=1 in this run
+    assert "1 batch of 16 ×" in loss["figures"]["corpus"], loss["figures"]["corpus"]
     assert bpb["figures"]["bpb"] == pytest.approx(val["bpb"], rel=1e-6)
     collected = json.loads(out.read_text())["results"]
     assert [(r["suite"], r["step"]) for r in collected] == [("loss", 6), ("bpb", 6)]

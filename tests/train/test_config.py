@@ -49,6 +49,7 @@ def test_bad_overrides_name_the_key(override, needle):
     (["mesh.data=-1", "mesh.fsdp=-1"], "at most one -1"),
     (["data.source=text"], "data.path"),
     (["train.steps=0"], "train.steps must be positive"),
+    (["eval.batch_size=-8"], "eval.batch_size must be >= 0"),
 ])
 def test_inconsistent_values_fail(overrides, needle):
     with pytest.raises(ConfigError) as e:
@@ -82,6 +83,9 @@ def test_batch_must_divide_data_axes():
     cfg = config_lib.resolve(QUICKSTART + ":smoke", ["train.batch_size=12", "mesh.data=8"])
     mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:8])
     with pytest.raises(ConfigError, match="not divisible by the data axes mesh.data × mesh.fsdp = 8"):
+        mesh_lib.check_divisibility(cfg, mesh)
+    cfg = config_lib.resolve(QUICKSTART + ":smoke", ["train.batch_size=16", "eval.batch_size=12", "mesh.data=8"])
+    with pytest.raises(ConfigError, match="eval.batch_size=12 is not divisible by the data axes"):
         mesh_lib.check_divisibility(cfg, mesh)
 
 
