@@ -65,7 +65,7 @@ def fit_arch(runs: list[scaling.Run], *, n_boot: int, rng: np.random.Generator, 
         n_opt, d_opt = law.optimal(budgets, kap)
         a3 = {**law.as_dict(), "a": law.beta / (law.alpha + law.beta), "N_opt": n_opt.tolist(), "D_opt": d_opt.tolist(),
               "tokens_per_param": (d_opt / n_opt).tolist(),
-              "residuals_log": (np.log(law(N, D)) - np.log(L)).tolist()}
+              "residuals_log": (np.log(law(N, D)) - np.log(L)).tolist(), "at_bound": scaling.at_bound(law)}
         if n_boot:
             bs = scaling.bootstrap_approach3(N, D, L, law, n_boot, rng)
             a3["ci"] = _ci(bs, ("E", "A", "B", "alpha", "beta"))
@@ -184,6 +184,9 @@ def report(result: dict, plots: list[str]) -> str:
             ci = a3.get("ci", {})
             for k in ("E", "A", "B", "alpha", "beta", "a"):
                 lines.append(f"| approach 3: {k} | {_fmt(a3[k], ci.get(k))} |")
+            if a3.get("at_bound"):  # the data did not pin the exponent down: the allocation follows the bound
+                lines.append(f"| approach 3: warning | {' and '.join(a3['at_bound'])} ended on its bound "
+                             f"{list(scaling.EXPONENT_BOUNDS)}: the runs do not determine it |")
         if "error" in a2:
             lines.append(f"| approach 2 | not fitted: {a2['error']} |")
         else:

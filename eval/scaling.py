@@ -15,7 +15,8 @@ runs (so D* is consistent with how the runs themselves convert tokens to FLOPs).
 D* = k_D C^b by least squares in log space.
 
 Approach 3: L(N, D) = E + A/N^α + B/D^β, fitted as log L = LSE(a − α log N, b − β log D, e) with a Huber
-loss (δ = 1e-3, Chinchilla's) by L-BFGS-B from the best of Chinchilla's grid of starts. Compute-optimal allocation under C = κ N D, with κ the arch's
+loss (δ = 1e-3, Chinchilla's) by L-BFGS-B from the best of Chinchilla's grid of starts, with α, β in
+EXPONENT_BOUNDS (the report flags a fit that ends on a bound). Compute-optimal allocation under C = κ N D, with κ the arch's
 median C/(N D) over its runs (6 for a pure 6N count; larger with attention and the LM head):
 N_opt = G (C/κ)^(β/(α+β)), G = (αA / (βB))^(1/(α+β)), D_opt = C / (κ N_opt).
 """
@@ -40,6 +41,11 @@ BUDGET_TOL = 0.10  # runs whose C lie within ±10% of a budget's first run share
 GRID = {"alpha": np.arange(0, 2.01, 0.5), "beta": np.arange(0, 2.01, 0.5), "e": np.arange(-1, 1.01, 0.5),
         "a": np.arange(0, 25.1, 5), "b": np.arange(0, 25.1, 5)}
 N_STARTS = 4
+# α and β are kept in Chinchilla's grid range (plus a floor that keeps each term from merging into E). With few
+# runs per shape an unbounded fit can run an exponent off to infinity, where A/N^α is a step and the allocation
+# N_opt ∝ C^(β/(α+β)) is meaningless: the first CPU mini-sweep did that (α = 3315 on 9 runs). A fit that
+# ends on a bound is reported as such (`at_bound`), not hidden.
+EXPONENT_BOUNDS = (0.05, 2.0)
 
 
 class ScalingError(ValueError):
@@ -293,8 +299,9 @@ def _grid_starts(x, y, logL, w, k: int, delta: float) -> np.ndarray:
 
 
 def _lbfgs(theta0, x, y, logL, w, delta):
-    res = optimize.minimize(_huber_objective, theta0, args=(x, y, logL, w, delta), jac=True, method="L-BFGS-B",
-                            options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-9})
+    bounds = [(None, None)] * 3 + [EXPONENT_BOUNDS] * 2
+    res = optimize.minimize(_huber_objective, np.clip(theta0, *_lower_upper()), args=(x, y, logL, w, delta), jac=True,
+                            method="L-BFGS-B", bounds=bounds, options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-9})
     return res.x, res.fun
 
 
@@ -315,6 +322,19 @@ def approach3(N, D, L, *, weights=None, starts=None, delta: float = HUBER_DELTA)
     best = min((_lbfgs(s, x, y, logL, w, delta) for s in starts), key=lambda t: t[1])[0]
     a, b, e, al, be = best
     return Law(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(al), beta=float(be))
+
+
+def _lower_upper() -> tuple[np.ndarray, np.ndarray]:
+    """Box on theta = (a, b, e, α, β): only the exponents are bounded."""
+    lo, hi = np.full(5, -np.inf), np.full(5, np.inf)
+    lo[3:], hi[3:] = EXPONENT_BOUNDS
+    return lo, hi
+
+
+def at_bound(law: Law, rtol: float = 1e-6) -> list[str]:
+    """The exponents a fit left on EXPONENT_BOUNDS: the data did not pin them down."""
+    return [name for name in ("alpha", "beta")
+            if any(abs(getattr(law, name) - b) <= rtol * max(1.0, abs(b)) for b in EXPONENT_BOUNDS)]
 
 
 def _theta(law: Law) -> np.ndarray:
@@ -339,7 +359,8 @@ def _huber_lm(theta, x, y, logL, W, delta, iters: int = 200):
         rc = np.clip(r, -delta, delta)
         return r, P / tot, (W * rc * (r - 0.5 * rc)).sum(1)
 
-    theta = np.array(theta, float)
+    bounds = _lower_upper()
+    theta = np.clip(np.array(theta, float), *bounds)
     lam = np.full(len(theta), 1e-3)
     r, P, f = resid(theta)
     for _ in range(iters):
@@ -351,7 +372,8 @@ def _huber_lm(theta, x, y, logL, W, delta, iters: int = 200):
         # pinv, not solve: a resample can leave a direction unidentified (e.g. every drawn run at one N),
         # and its Hessian is then singular; the minimal-norm step leaves that direction where it was.
         step = -(np.linalg.pinv(Hd) @ g[..., None])[..., 0]
-        new = theta + step
+        new = np.clip(theta + step, *bounds)  # a projected step: the exponents stay in EXPONENT_BOUNDS
+        step = new - theta
         r2, P2, f2 = resid(new)
         ok = f2 <= f
         theta[ok], r[ok], P[:, ok], f[ok] = new[ok], r2[ok], P2[:, ok], f2[ok]

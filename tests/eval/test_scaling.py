@@ -112,8 +112,21 @@ def test_bootstrap_survives_a_degenerate_fit():
     N = np.array([320320, 41784, 131080, 41784, 41784, 131080, 320320, 320320, 131080], float)
     D = np.array([452608, 7612800, 321792, 761600, 2283648, 3216384, 1507200, 150528, 964608], float)
     L = np.array([2.4022, 1.3817, 2.2236, 1.9724, 1.482, 1.3059, 1.5717, 2.4766, 1.8628])
-    draws = scaling.bootstrap_approach3(N, D, L, scaling.approach3(N, D, L), 1000, np.random.default_rng(0))
+    law = scaling.approach3(N, D, L)
+    draws = scaling.bootstrap_approach3(N, D, L, law, 1000, np.random.default_rng(0))
     assert all(np.all(np.isfinite(v)) for v in draws.values())
+    # Unbounded, this fit sent α to 3315; the exponents now stay in the box, and the fit says where it hit it.
+    lo, hi = scaling.EXPONENT_BOUNDS
+    for v in (law.alpha, law.beta, *draws["alpha"], *draws["beta"]):
+        assert lo <= v <= hi
+
+
+def test_an_exponent_beyond_the_bounds_is_flagged():
+    steep = dataclasses.replace(TRUE, A=1e8, alpha=3.0)  # A/N^α from 100 to 0.001 over these N
+    N, D = (g.ravel() for g in np.meshgrid(np.logspace(2.5, 4, 6), np.logspace(8, 11, 6)))
+    law = scaling.approach3(N, D, steep(N, D))
+    assert law.alpha == pytest.approx(scaling.EXPONENT_BOUNDS[1]) and scaling.at_bound(law) == ["alpha"]
+    assert scaling.at_bound(TRUE) == []
 
 
 def test_heldout_prediction_is_exact_on_noiseless_data(exact):
