@@ -58,8 +58,9 @@ class Scaling:
 
     budgets: Sequence[float]  # training FLOPs per run, C
     sizes: Sequence[Mapping[str, Any]]  # overrides per model size, e.g. {"model.d_model": 64, "model.n_layers": 2}
-    lr: str | Sequence[float] = "steplaw"  # "steplaw" or explicit values
-    lr_factors: Sequence[float] = (1.0,)  # multiply the Step Law η*: (0.5, 1, 2) is a grid around it
+    lr: str | Sequence[float] = "steplaw"  # "steplaw", "config" (optimizer.lr of the config, or of a size
+    # that sets "optimizer.lr": a per-size rule), or explicit values
+    lr_factors: Sequence[float] = (1.0,)  # multiply η* or the config's lr: (0.5, 1, 2) is a grid around it
     batch: str | Sequence[int] = "steplaw"  # "steplaw" or explicit global batches in sequences
     batch_factors: Sequence[float] = (1.0,)
     seeds: Sequence[int] = (0,)
@@ -174,8 +175,8 @@ def _expand_scaling(block: Scaling, resolve: _Resolver, label: str, notes: list[
     seeds = _nonempty(f"{label}.seeds", block.seeds)
     lr_factors = _nonempty(f"{label}.lr_factors", block.lr_factors)
     batch_factors = _nonempty(f"{label}.batch_factors", block.batch_factors)
-    if block.lr != "steplaw":
-        _nonempty(f"{label}.lr (\"steplaw\" or a list)", block.lr)
+    if block.lr not in ("steplaw", "config"):
+        _nonempty(f"{label}.lr (\"steplaw\", \"config\" or a list)", block.lr)
     if block.batch != "steplaw":
         _nonempty(f"{label}.batch (\"steplaw\" or a list)", block.batch)
     if any(not c > 0 for c in budgets):
@@ -185,6 +186,9 @@ def _expand_scaling(block: Scaling, resolve: _Resolver, label: str, notes: list[
         if not isinstance(size, Mapping) or not size:
             raise ConfigError(f"get_sweep(): {label}.sizes[{i}] must be a non-empty dict of overrides, got {size!r}")
         size_ovr = [*block.extra, *(f"{k}={_fmt(v)}" for k, v in size.items())]
+        if "optimizer.lr" in size and block.lr != "config":
+            raise ConfigError(f"get_sweep(): {label}.sizes[{i}] sets optimizer.lr, which {label}.lr={block.lr!r} "
+                              f"would override; use lr=\"config\" for a learning rate per size")
         cfg = resolve(size_ovr, f"{label}.sizes[{i}]")  # unknown keys fail here, named
         seq = cfg.data.seq_len
         fpt = cfg.model.flops_per_token(seq)
@@ -201,8 +205,12 @@ def _expand_scaling(block: Scaling, resolve: _Resolver, label: str, notes: list[
                     if b <= 0 or b % multiple:
                         raise ConfigError(f"get_sweep(): {label}.batch value {b} must be a positive multiple "
                                           f"of the data-parallel size {multiple}")
-            lrs = ([_round_sig(step_law_lr(n, tokens) * f) for f in lr_factors] if block.lr == "steplaw"
-                   else [float(x) for x in block.lr])
+            if block.lr == "steplaw":
+                lrs = [_round_sig(step_law_lr(n, tokens) * f) for f in lr_factors]
+            elif block.lr == "config":
+                lrs = [_round_sig(cfg.optimizer.lr * f) for f in lr_factors]
+            else:
+                lrs = [float(x) for x in block.lr]
             for batch in dict.fromkeys(batches):  # factors may round to the same batch
                 steps = round(tokens / (batch * seq))
                 if steps < block.min_steps:
@@ -211,7 +219,8 @@ def _expand_scaling(block: Scaling, resolve: _Resolver, label: str, notes: list[
                     continue
                 per_budget[C] += 1
                 for lr, seed in itertools.product(lrs, seeds):
-                    ovr = [*size_ovr, f"train.steps={steps}", f"train.batch_size={batch}", f"optimizer.lr={lr!r}",
+                    ovr = [*(o for o in size_ovr if not o.startswith("optimizer.lr=")),  # set once, just below
+                           f"train.steps={steps}", f"train.batch_size={batch}", f"optimizer.lr={lr!r}",
                            f"train.seed={seed}"]
                     if block.warmup_fraction is not None:
                         ovr.append(f"optimizer.warmup_steps={round(block.warmup_fraction * steps)}")

@@ -88,6 +88,18 @@ def test_scaling_block_tokens_and_step_law(tmp_path):
     assert next(r.N for r in runs if r.cfg.model.d_model == 64) == 2 * (64 * 16 * (2 * 4 + 2 * 2) + 3 * 64 * 192 + 2 * 64) + 64
 
 
+def test_scaling_learning_rate_from_the_config_or_per_size(tmp_path):
+    sizes = '[{"model.d_model": 32, "optimizer.lr": 0.02}, {"model.d_model": 64}]'
+    src = f'Scaling(budgets=[3e10], sizes={sizes}, lr="config", lr_factors=[1, 0.5], batch=[8], min_steps=1)'
+    runs, _ = sweep.expand(experiment(tmp_path, src))
+    base_lr = resolve(SMOKE).optimizer.lr
+    assert [(r.cfg.model.d_model, r.cfg.optimizer.lr) for r in runs] == [
+        (32, 0.02), (32, 0.01), (64, base_lr), (64, base_lr / 2)]
+    assert all(sum(o.startswith("optimizer.lr=") for o in r.overrides) == 1 for r in runs)
+    with pytest.raises(ConfigError, match=r'sizes\[0\] sets optimizer.lr, which scaling\[0\].lr=\'steplaw\' would override'):
+        sweep.expand(experiment(tmp_path, f'Scaling(budgets=[3e10], sizes={sizes})'))
+
+
 def test_scaling_skips_small_points_and_fails_when_a_budget_fits_nothing(tmp_path):
     sizes = '[{"model.d_model": 32}, {"model.d_model": 128, "model.n_layers": 4}]'
     runs, notes = sweep.expand(experiment(tmp_path, f'Scaling(budgets=[1e9], sizes={sizes}, min_steps=10)'))
