@@ -7,25 +7,25 @@
 
     effax sweep experiments/scaling/dense.py:smoke --root /tmp/scaling-smoke --concurrency 2   # ~1 min
 
-Two architectures, each a Scaling block of 3 budgets × 3 sizes (18 runs), so `effax fit` has an
-IsoFLOP parabola per budget per architecture and a compute multiplier between them:
+Two architectures, 3 budgets each (2e11, 6e11, 2e12 training FLOPs), 4 sizes per budget (24 runs), so
+`effax fit` has an IsoFLOP parabola per budget per architecture and a compute multiplier between them:
 
-    dense-w  shallow-wide: 2 layers,  d_model 32 / 64 / 128  (N = 33k / 107k / 427k non-embedding)
-    dense-d  deep-narrow:  6 layers,  d_model 24 / 40 / 64   (N = 42k / 131k / 320k)
+    dense-w  shallow-wide: 2 layers, d_model 16-96  (N = 8k-222k non-embedding)
+    dense-d  deep-narrow:  4 layers, d_model 12-64  (N = 12k-214k)
 
-Byte tokens, seq_len 128, budgets 4e11 / 1.2e12 / 4e12 FLOPs. Each run's tokens D = C / flops_per_token(128)
-of its size (the model's own count: attention and the tied LM head included), learning rate and batch
-from the Step Law (η* = 1.79·N^-0.713·D^0.307, B* = 0.58·D^0.571 tokens; η from 0.006 to 0.16, batches
-of 4-47 sequences), warm-up 10% of the steps, cosine decay, validation only at the end (16 batches), a
-checkpoint every 100 steps so a relaunch resumes.
+As in Chinchilla's IsoFLOP design, each budget trains the sizes around its expected optimum (one step of
+about 1.5× in width apart), so every parabola can bracket its minimum without paying for far-off sizes.
 
-Sizing: the dry run estimates ≈ 17 minutes at --concurrency 2 (its heuristic, calibrated on this
-machine under load: docs/sweeps.md); the longest run is 1804 steps. Calibration (all six sizes at
-C = 1.5e11, --concurrency 2, 112 s): final val loss dense-w 2.262 / 2.282 / 2.563 and dense-d
-2.171 / 2.748 / 2.935 (nats per byte, smallest to largest) — at that budget the small models win, so
-the sweep's budgets start above it to put the IsoFLOP minima inside the size range. Step Law η this
-high was checked: 0.14 (d_model 32, batch 40) and 0.11 (6 × 24, batch 33) trained stably through
-warm-up and 200 more steps. Expected: not yet run end to end here.
+Byte tokens, seq_len 128. Each run's tokens D = C / flops_per_token(128) of its size (the model's own count:
+attention and the tied LM head included). Batch: 8 sequences for every run — on this 2-core CPU a step of 8
+costs 1.5-2× less per token than 16 or more (`effax bench model`), and tiny models need the steps. Learning
+rate η = 0.2 / d_model (∝ 1/width, μP's Adam rule), set per size with `lr="config"`. The Step Law
+(η* = 1.79·N^-0.713·D^0.307) was fitted on 60M-1B models; extrapolated to these it asks for η ≈ 0.2, and
+its batch B* for larger batches than the CPU runs well. A pilot at C = 5e11 (21 runs, η from 0.003 to
+0.03) put the best η at 0.01 (d 16-24), 0.008 (d 32), 0.003-0.004 (d 48) and ≤ 0.003 (d 96) for 2 layers;
+0.2/d follows that. Warm-up 10% of the steps, cosine decay, validation only at the end on a fixed set
+(eval.batch_size=32 × 16 batches = 512 windows, the same for every run), a checkpoint every 1000 steps so
+a relaunch resumes.
 """
 
 import dataclasses
@@ -34,33 +34,44 @@ from effax.models.dense import DenseConfig
 from effax.train.config import CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, OptimizerConfig, TrainConfig
 from effax.train.sweep import Scaling
 
-BUDGETS = [4e11, 1.2e12, 4e12]  # training FLOPs per run
-WIDE = [{"model.d_model": d, "model.n_layers": 2} for d in (32, 64, 128)]
-DEEP = [{"model.d_model": d, "model.n_layers": 6} for d in (24, 40, 64)]
+BATCH = 8
+LR_WIDTH = 0.2  # η = LR_WIDTH / d_model
+# budget (training FLOPs) → d_model of the sizes trained there, largest budget first so the longest runs
+# start first. The widths step N by 1.4-2.4× (d_ff is rounded, so N is not smooth in d).
+WIDE = {2e12: (32, 48, 64, 96), 1.1e12: (24, 32, 48, 64), 6e11: (24, 32, 48, 64)}
+DEEP = {2e12: (24, 32, 48, 64), 1.1e12: (16, 24, 32, 48), 6e11: (16, 24, 32, 48)}
+SHAPES = {"dense-w": (2, WIDE), "dense-d": (4, DEEP)}
+
+
+def size(d_model: int, n_layers: int) -> dict:
+    heads = 4 if d_model >= 16 else 2  # RoPE needs an even head dimension: d_model 12 has 2 heads of 6
+    return {"model.d_model": d_model, "model.n_layers": n_layers, "model.n_heads": heads,
+            "optimizer.lr": round(LR_WIDTH / d_model, 6)}
 
 
 def get_config(variant: str | None = None) -> Config:
     cfg = Config(
         model=DenseConfig(d_model=64, n_layers=2, n_heads=4),
         data=DataConfig(source="sotu", tokenizer="byte", seq_len=128),
-        train=TrainConfig(steps=500, batch_size=16, seed=0, log_every=10),
+        train=TrainConfig(steps=500, batch_size=BATCH, seed=0, log_every=10),
         optimizer=OptimizerConfig(lr=3e-3, schedule="cosine", warmup_steps=50, weight_decay=0.1),
-        checkpoint=CheckpointConfig(every=100, keep_last=1),
-        eval=EvalConfig(every=0, batches=16),
+        checkpoint=CheckpointConfig(every=1000, keep_last=1),
+        eval=EvalConfig(every=0, batches=16, batch_size=32),
     )
     if variant is None:
         return cfg
     if variant == "smoke":
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=64),
-                                   checkpoint=CheckpointConfig(every=20, keep_last=1), eval=EvalConfig(every=0, batches=2))
+                                   checkpoint=CheckpointConfig(every=20, keep_last=1),
+                                   eval=EvalConfig(every=0, batches=2, batch_size=8))
     raise ConfigError(f"unknown variant {variant!r} of experiments/scaling/dense.py; valid: smoke")
 
 
 def get_sweep(variant: str | None = None):
     if variant == "smoke":  # 3 tiny runs at one budget, for tests and a first look
-        return Scaling(budgets=[2e9], sizes=[{"model.d_model": d, "model.n_layers": 2} for d in (32, 48, 64)],
+        return Scaling(budgets=[1e10], sizes=[size(d, 2) for d in (32, 48, 64)], lr="config", batch=[BATCH],
                        arch="dense-w", min_steps=10, warmup_fraction=0.1)
-    return [
-        Scaling(budgets=BUDGETS, sizes=WIDE, arch="dense-w", warmup_fraction=0.1),
-        Scaling(budgets=BUDGETS, sizes=DEEP, arch="dense-d", warmup_fraction=0.1),
-    ]
+    blocks = {(arch, budget): Scaling(budgets=[budget], sizes=[size(d, n_layers) for d in widths], lr="config",
+                                      batch=[BATCH], arch=arch, warmup_fraction=0.1)
+              for arch, (n_layers, per_budget) in SHAPES.items() for budget, widths in per_budget.items()}
+    return [blocks[arch, budget] for budget in WIDE for arch in SHAPES]  # by budget, largest first

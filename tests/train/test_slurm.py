@@ -2,6 +2,7 @@
 a capped job array of two runs, a 2-task multi-host run, and Ctrl-C cancelling the jobs."""
 
 import os
+import re
 import subprocess
 import time
 
@@ -105,6 +106,22 @@ def test_ctrl_c_cancels_the_jobs_and_they_save(backend, tmp_path):
     state = subprocess.run(["squeue", "-h", "-t", "all", "-j", job.job_id, "-o", "%T"], capture_output=True,
                            text=True).stdout.strip()
     assert state in ("CANCELLED", "COMPLETING"), state
+
+@pytest.mark.slow  # about a minute per attempt: Slurm time limits are whole minutes
+def test_time_limit_stops_with_a_checkpoint_and_the_retry_resumes(backend, tmp_path):
+    """timeout_s=60 becomes --time=1 with --signal=TERM@30: Slurm's SIGTERM reaches `effax train`, which
+    saves and exits 143 (outcome timeout); the resubmitted attempt resumes from that checkpoint."""
+    run = spec(tmp_path, "limited", ["train.steps=10000000", "checkpoint.every=0"], timeout_s=60, retries=1)
+    (result,) = backend.launch([run])
+    links = sorted((f for f in os.listdir(run.workdir) if f.startswith("slurm-")), key=lambda f: int(f[6:-4].split("_")[0]))
+    logs = [open(os.path.join(run.workdir, f)).read() for f in links]
+    assert (result.status, result.returncode, result.attempts) == ("timeout", 143, 2), (result, logs[-1][-3000:])
+    stops = [int(re.search(r"stopped by signal 15 at step (\d+); checkpoint saved", log).group(1)) for log in logs]
+    assert f"resumed from step {stops[0]} of" in logs[1], logs[1][-3000:]
+    assert 0 < stops[0] < stops[1]
+    steps = [r["step"] for r in metrics_lib.read(run.workdir, "train")]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # the retry went on; nothing was repeated
+
 
 def test_failed_run_is_resubmitted_then_reported(backend, tmp_path):
     run = spec(tmp_path, "bad", ["no.such_key=1"], retries=1)  # effax train exits 2 before compiling

@@ -155,14 +155,18 @@ def test_dry_run_prints_the_table_and_creates_nothing(tmp_path, capsys):
 
 def test_the_cpu_mini_sweep_plan():
     runs, notes = sweep.expand("experiments/scaling/dense.py")
-    assert len(runs) == 18 and not notes
+    assert len(runs) == 24 and not notes
     assert {r.arch for r in runs} == {"dense-w", "dense-d"}
     for arch in ("dense-w", "dense-d"):
         budgets = {}
         for r in runs:
             if r.arch == arch:
                 budgets.setdefault(r.budget, set()).add(r.N)
-        assert len(budgets) == 3 and all(len(ns) == 3 for ns in budgets.values())  # an IsoFLOP parabola each
+        assert len(budgets) == 3 and all(len(ns) == 4 for ns in budgets.values())  # an IsoFLOP parabola each
+    for r in runs:  # one batch and one validation set for all; η = 0.2 / d_model
+        assert r.cfg.train.batch_size == 8 and (r.cfg.eval.batch_size, r.cfg.eval.batches) == (32, 16)
+        assert r.cfg.optimizer.lr == pytest.approx(0.2 / r.cfg.model.d_model, rel=1e-4)
+    assert runs[0].budget == max(r.budget for r in runs)  # the longest runs start first
     total = sum(sweep.estimate_seconds(r) for r in runs) / 2
     assert total < 30 * 60, f"the mini-sweep is estimated at {total / 60:.1f} min at concurrency 2"
     smoke, _ = sweep.expand("experiments/scaling/dense.py:smoke")
