@@ -46,7 +46,7 @@ SHAPES = {"dense-w": (2, WIDE), "dense-d": (4, DEEP)}
 def size(d_model: int, n_layers: int) -> dict:
     heads = 4 if d_model >= 16 else 2  # RoPE needs an even head dimension: d_model 12 has 2 heads of 6
     return {"model.d_model": d_model, "model.n_layers": n_layers, "model.n_heads": heads,
-            "optimizer.lr": round(LR_WIDTH / d_model, 6)}
+            "optimizer.lr": LR_WIDTH / d_model}  # the sweep rounds η to 4 significant digits
 
 
 def get_config(variant: str | None = None) -> Config:

@@ -165,7 +165,7 @@ def test_the_cpu_mini_sweep_plan():
         assert len(budgets) == 3 and all(len(ns) == 4 for ns in budgets.values())  # an IsoFLOP parabola each
     for r in runs:  # one batch and one validation set for all; η = 0.2 / d_model
         assert r.cfg.train.batch_size == 8 and (r.cfg.eval.batch_size, r.cfg.eval.batches) == (32, 16)
-        assert r.cfg.optimizer.lr == pytest.approx(0.2 / r.cfg.model.d_model, rel=1e-4)
+        assert r.cfg.optimizer.lr == pytest.approx(0.2 / r.cfg.model.d_model, rel=5e-4)  # 4 significant digits
     assert runs[0].budget == max(r.budget for r in runs)  # the longest runs start first
     total = sum(sweep.estimate_seconds(r) for r in runs) / 2
     assert total < 30 * 60, f"the mini-sweep is estimated at {total / 60:.1f} min at concurrency 2"
