@@ -7,14 +7,15 @@
 
     effax sweep experiments/scaling/dense.py:smoke --root /tmp/scaling-smoke --concurrency 2   # ~1 min
 
-Two architectures, 3 budgets each (2e11, 6e11, 2e12 training FLOPs), 4 sizes per budget (24 runs), so
+Two architectures, 3 budgets each (6e11, 1.1e12, 2e12 training FLOPs), 4 sizes per budget (24 runs), so
 `effax fit` has an IsoFLOP parabola per budget per architecture and a compute multiplier between them:
 
-    dense-w  shallow-wide: 2 layers, d_model 16-96  (N = 8k-222k non-embedding)
-    dense-d  deep-narrow:  4 layers, d_model 12-64  (N = 12k-214k)
+    dense-w  shallow-wide: 2 layers, d_model 24-96  (N = 14k-222k non-embedding)
+    dense-d  deep-narrow:  4 layers, d_model 16-64  (N = 17k-214k)
 
-As in Chinchilla's IsoFLOP design, each budget trains the sizes around its expected optimum (one step of
-about 1.5× in width apart), so every parabola can bracket its minimum without paying for far-off sizes.
+As in Chinchilla's IsoFLOP design, each budget trains the sizes around its optimum (N about 2× apart), so
+every parabola brackets its minimum without paying for far-off sizes. A lower budget (2e11) was tried and
+dropped: there the smallest size (8k parameters) still won, because larger ones got too few steps.
 
 Byte tokens, seq_len 128. Each run's tokens D = C / flops_per_token(128) of its size (the model's own count:
 attention and the tied LM head included). Batch: 8 sequences for every run — on this 2-core CPU a step of 8
@@ -25,7 +26,7 @@ its batch B* for larger batches than the CPU runs well. A pilot at C = 5e11 (21 
 0.03) put the best η at 0.01 (d 16-24), 0.008 (d 32), 0.003-0.004 (d 48) and ≤ 0.003 (d 96) for 2 layers;
 0.2/d follows that. Warm-up 10% of the steps, cosine decay, validation only at the end on a fixed set
 (eval.batch_size=32 × 16 batches = 512 windows, the same for every run), a checkpoint every 1000 steps so
-a relaunch resumes.
+a relaunch resumes. Measured: README "Scaling-law sweeps" and docs/sweeps.md.
 """
 
 import dataclasses
@@ -37,15 +38,14 @@ from effax.train.sweep import Scaling
 BATCH = 8
 LR_WIDTH = 0.2  # η = LR_WIDTH / d_model
 # budget (training FLOPs) → d_model of the sizes trained there, largest budget first so the longest runs
-# start first. The widths step N by 1.4-2.4× (d_ff is rounded, so N is not smooth in d).
+# start first. N steps by 1.7-2.4× (d_ff is rounded, so N is not smooth in d).
 WIDE = {2e12: (32, 48, 64, 96), 1.1e12: (24, 32, 48, 64), 6e11: (24, 32, 48, 64)}
 DEEP = {2e12: (24, 32, 48, 64), 1.1e12: (16, 24, 32, 48), 6e11: (16, 24, 32, 48)}
 SHAPES = {"dense-w": (2, WIDE), "dense-d": (4, DEEP)}
 
 
 def size(d_model: int, n_layers: int) -> dict:
-    heads = 4 if d_model >= 16 else 2  # RoPE needs an even head dimension: d_model 12 has 2 heads of 6
-    return {"model.d_model": d_model, "model.n_layers": n_layers, "model.n_heads": heads,
+    return {"model.d_model": d_model, "model.n_layers": n_layers,
             "optimizer.lr": LR_WIDTH / d_model}  # the sweep rounds η to 4 significant digits
 
 

@@ -109,8 +109,10 @@ def test_ctrl_c_cancels_the_jobs_and_they_save(backend, tmp_path):
 
 @pytest.mark.slow  # about a minute per attempt: Slurm time limits are whole minutes
 def test_time_limit_stops_with_a_checkpoint_and_the_retry_resumes(backend, tmp_path):
-    """timeout_s=60 becomes --time=1 with --signal=TERM@30: Slurm's SIGTERM reaches `effax train`, which
-    saves and exits 143 (outcome timeout); the resubmitted attempt resumes from that checkpoint."""
+    """timeout_s=60 becomes --time=1 with --signal=TERM@10: Slurm's SIGTERM reaches `effax train`, which
+    saves and exits 143 (outcome timeout); the resubmitted attempt resumes from that checkpoint. Slurm may
+    send the signal up to one check period (~30 s) early: a 10 s grace keeps it after the run's start-up."""
+    backend.term_grace_s = 10
     run = spec(tmp_path, "limited", ["train.steps=10000000", "checkpoint.every=0"], timeout_s=60, retries=1)
     (result,) = backend.launch([run])
     links = sorted((f for f in os.listdir(run.workdir) if f.startswith("slurm-")), key=lambda f: int(f[6:-4].split("_")[0]))

@@ -242,10 +242,14 @@ def test_ctrl_c_stops_children_and_marks_them_interrupted(tmp_path):
     events = []
     backend = LocalBackend(concurrency=2, command=command, grace_s=10, poll_s=0.05)
     timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        backend.launch(specs, on_update=lambda *e: events.append(e))
-    timer.join()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a suite started in the background
+    try:  # (`cmd &`) inherits SIGINT ignored: Python then never raises KeyboardInterrupt
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            backend.launch(specs, on_update=lambda *e: events.append(e))
+        timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert sorted(e for e in events if e[1] != "running") == [("run0", "interrupted", 1), ("run1", "interrupted", 1)]
     assert (tmp_path / "run0" / "saved").exists() and (tmp_path / "run1" / "saved").exists()
     assert not (tmp_path / "run2" / "attempts").exists()  # never started
@@ -270,6 +274,12 @@ def _checkpoints(workdir) -> list[int]:
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+def _sigint_default():
+    """Popen preexec_fn: a launcher started from a background suite would inherit SIGINT ignored (then
+    Python installs no KeyboardInterrupt handler and the Ctrl-C below would do nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_kill_relaunch_and_interrupt_lose_and_repeat_nothing(tmp_path):
     root = tmp_path / "root"
     exp = experiment(tmp_path, '[["train.seed=0", "train.steps=8"], ["train.seed=1", "train.steps=300"], '
@@ -287,7 +297,8 @@ def test_kill_relaunch_and_interrupt_lose_and_repeat_nothing(tmp_path):
     metrics0 = (root / runs[0].run_id / "metrics.jsonl").read_bytes()
 
     # The relaunch may use other launch options: concurrency 2 runs the resume of 1 beside the start of 2.
-    second = subprocess.Popen([*cmd, "--concurrency", "2"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    second = subprocess.Popen([*cmd, "--concurrency", "2"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                              preexec_fn=_sigint_default)
     # Wait for run 1's process to have exited, not just for its files: a Ctrl-C during its shutdown would
     # (rightly) record that attempt as interrupted.
     _wait_for(lambda: "attempt 2 ended" in (root / runs[1].run_id / "train.log").read_text() and _checkpoints(wd[2]),
