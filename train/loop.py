@@ -208,7 +208,25 @@ def build_trainer(cfg: config_lib.Config, mesh, rules) -> Trainer:
 
 
 def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
-    """Trains (or resumes) the run in `workdir`. Returns the process exit status."""
+    """Trains (or resumes) the run in `workdir`. Returns the process exit status: 0, or 143 / 130 after
+    SIGTERM / SIGINT (a checkpoint saved after the next step).
+
+    The handlers go in before anything else: a time limit or a scancel that lands during start-up
+    (data, compilation, restore) must still end in a saved, resumable stop, not a kill."""
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, request_stop) for s in INTERRUPTED_EXIT}
+    try:
+        return _train(cfg, workdir, quiet, stop)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+
+def _train(cfg: config_lib.Config, workdir: str, quiet: bool, stop: dict) -> int:
     config_lib.validate(cfg)
     tokenizer = data_lib.tokenizer_for(cfg.data)
     cfg = resolve_vocab(cfg, tokenizer)
@@ -252,12 +270,6 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
             + " × ".join(f"{k}={v}" for k, v in mesh.shape.items()) + f" on {jax.device_count()} {jax.devices()[0].platform} devices")
 
         train_step, eval_step = trainer.train_step, trainer.eval_step
-        stop = {"signal": None}
-
-        def request_stop(signum, _frame):
-            stop["signal"] = signum
-
-        old_handlers = {s: signal.signal(s, request_stop) for s in INTERRUPTED_EXIT}
         tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         peak = metrics_lib.peak_flops()
         progress = None
@@ -341,8 +353,6 @@ def train(cfg: config_lib.Config, workdir: str, *, quiet: bool = False) -> int:
             log.close()
             if progress is not None:
                 progress.close()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
 
         if exit_status == 0:
             say(f"done: {step} steps" + (f", final train loss {last_loss:.4f}" if last_loss is not None

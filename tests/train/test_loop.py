@@ -165,3 +165,19 @@ def test_signal_during_eval_still_saves(tmp_path, monkeypatch):
     assert loop.train(cfg, str(tmp_path), quiet=True) == 143
     last = metrics_lib.read(str(tmp_path), "train")[-1]["step"]
     assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [last]
+
+
+def test_signal_during_start_up_still_saves(tmp_path, monkeypatch):
+    # A Slurm time limit or scancel can land before the first step (data, compilation, restore): the run
+    # must still stop with a checkpoint and 143, so the launcher records a timeout and a retry resumes.
+    build = loop.build_trainer
+
+    def signal_then_build(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_trainer", signal_then_build)
+    cfg = config_lib.resolve(SMOKE, QUIET + ["train.steps=1000", "checkpoint.every=1000"])
+    assert loop.train(cfg, str(tmp_path), quiet=True) == 143
+    assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone again
