@@ -30,10 +30,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from effax.train import config as config_lib
 from effax.train import data as data_lib
 from effax.train import loop
 from effax.train import mesh as mesh_lib
-from effax.train import config as config_lib
 from effax.train.config import ConfigError, DataConfig
 
 

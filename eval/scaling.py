@@ -299,9 +299,10 @@ def _grid_starts(x, y, logL, w, k: int, delta: float) -> np.ndarray:
 
 
 def _lbfgs(theta0, x, y, logL, w, delta):
-    bounds = [(None, None)] * 3 + [EXPONENT_BOUNDS] * 2
-    res = optimize.minimize(_huber_objective, np.clip(theta0, *_lower_upper()), args=(x, y, logL, w, delta), jac=True,
-                            method="L-BFGS-B", bounds=bounds, options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-9})
+    lo, hi = _lower_upper()
+    res = optimize.minimize(_huber_objective, np.clip(theta0, lo, hi), args=(x, y, logL, w, delta), jac=True,
+                            method="L-BFGS-B", bounds=optimize.Bounds(lo, hi),
+                            options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-9})
     return res.x, res.fun
 
 
