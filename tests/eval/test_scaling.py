@@ -127,6 +127,10 @@ def test_an_exponent_beyond_the_bounds_is_flagged():
     law = scaling.approach3(N, D, steep(N, D))
     assert law.alpha == pytest.approx(scaling.EXPONENT_BOUNDS[1]) and scaling.at_bound(law) == ["alpha"]
     assert scaling.at_bound(TRUE) == []
+    runs = [scaling.Run(f"r{i}", "steep", n, d, 6 * n * d, steep(n, d), True) for i, (n, d) in enumerate(zip(N, D))]
+    result = fit_cli.fit_all(runs, bootstrap=0)
+    assert result["archs"]["steep"]["approach3"]["at_bound"] == ["alpha"]
+    assert "| approach 3: warning | alpha ended on its bound [0.05, 2.0]" in fit_cli.report(result, [])
 
 
 def test_heldout_prediction_is_exact_on_noiseless_data(exact):
