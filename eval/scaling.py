@@ -46,6 +46,9 @@ N_STARTS = 4
 # N_opt ∝ C^(β/(α+β)) is meaningless: the first CPU mini-sweep did that (α = 3315 on 9 runs). A fit that
 # ends on a bound is reported as such (`at_bound`), not hidden.
 EXPONENT_BOUNDS = (0.05, 2.0)
+# The same box on theta = (a, b, e, α, β) for L-BFGS-B and the LM refits: only the exponents are bounded.
+_THETA_LO = np.array([-np.inf] * 3 + [EXPONENT_BOUNDS[0]] * 2)
+_THETA_HI = np.array([np.inf] * 3 + [EXPONENT_BOUNDS[1]] * 2)
 
 
 class ScalingError(ValueError):
@@ -299,9 +302,8 @@ def _grid_starts(x, y, logL, w, k: int, delta: float) -> np.ndarray:
 
 
 def _lbfgs(theta0, x, y, logL, w, delta):
-    lo, hi = _lower_upper()
-    res = optimize.minimize(_huber_objective, np.clip(theta0, lo, hi), args=(x, y, logL, w, delta), jac=True,
-                            method="L-BFGS-B", bounds=optimize.Bounds(lo, hi),
+    res = optimize.minimize(_huber_objective, np.clip(theta0, _THETA_LO, _THETA_HI), args=(x, y, logL, w, delta),
+                            jac=True, method="L-BFGS-B", bounds=optimize.Bounds(_THETA_LO, _THETA_HI),
                             options={"maxiter": 2000, "ftol": 1e-14, "gtol": 1e-9})
     return res.x, res.fun
 
@@ -323,13 +325,6 @@ def approach3(N, D, L, *, weights=None, starts=None, delta: float = HUBER_DELTA)
     best = min((_lbfgs(s, x, y, logL, w, delta) for s in starts), key=lambda t: t[1])[0]
     a, b, e, al, be = best
     return Law(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(al), beta=float(be))
-
-
-def _lower_upper() -> tuple[np.ndarray, np.ndarray]:
-    """Box on theta = (a, b, e, α, β): only the exponents are bounded."""
-    lo, hi = np.full(5, -np.inf), np.full(5, np.inf)
-    lo[3:], hi[3:] = EXPONENT_BOUNDS
-    return lo, hi
 
 
 def at_bound(law: Law, rtol: float = 1e-6) -> list[str]:
@@ -360,8 +355,7 @@ def _huber_lm(theta, x, y, logL, W, delta, iters: int = 200):
         rc = np.clip(r, -delta, delta)
         return r, P / tot, (W * rc * (r - 0.5 * rc)).sum(1)
 
-    bounds = _lower_upper()
-    theta = np.clip(np.array(theta, float), *bounds)
+    theta = np.clip(np.array(theta, float), _THETA_LO, _THETA_HI)
     lam = np.full(len(theta), 1e-3)
     r, P, f = resid(theta)
     for _ in range(iters):
@@ -373,7 +367,7 @@ def _huber_lm(theta, x, y, logL, W, delta, iters: int = 200):
         # pinv, not solve: a resample can leave a direction unidentified (e.g. every drawn run at one N),
         # and its Hessian is then singular; the minimal-norm step leaves that direction where it was.
         step = -(np.linalg.pinv(Hd) @ g[..., None])[..., 0]
-        new = np.clip(theta + step, *bounds)  # a projected step: the exponents stay in EXPONENT_BOUNDS
+        new = np.clip(theta + step, _THETA_LO, _THETA_HI)  # a projected step: the exponents stay in bounds
         step = new - theta
         r2, P2, f2 = resid(new)
         ok = f2 <= f

@@ -71,7 +71,6 @@ def get_sweep(variant: str | None = None):
     if variant == "smoke":  # 3 tiny runs at one budget, for tests and a first look
         return Scaling(budgets=[1e10], sizes=[size(d, 2) for d in (32, 48, 64)], lr="config", batch=[BATCH],
                        arch="dense-w", min_steps=10, warmup_fraction=0.1)
-    blocks = {(arch, budget): Scaling(budgets=[budget], sizes=[size(d, n_layers) for d in widths], lr="config",
-                                      batch=[BATCH], arch=arch, warmup_fraction=0.1)
-              for arch, (n_layers, per_budget) in SHAPES.items() for budget, widths in per_budget.items()}
-    return [blocks[arch, budget] for budget in WIDE for arch in SHAPES]  # by budget, largest first
+    return [Scaling(budgets=[budget], sizes=[size(d, n_layers) for d in widths[budget]], lr="config",
+                    batch=[BATCH], arch=arch, warmup_fraction=0.1)
+            for budget in WIDE for arch, (n_layers, widths) in SHAPES.items()]  # by budget, largest first
