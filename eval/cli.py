@@ -233,15 +233,14 @@ def main(argv: list[str]) -> int:
                 todo = [n for n in names if not os.path.exists(result_path(workdir, step, result_key(n, args)))]
                 finish(evaluate(ctx, todo, args, lead=lead))
 
-            def pending(workdir: str) -> list[int]:
-                return [s for s in restore_lib.checkpoint_steps(workdir)
-                        if not all(os.path.exists(result_path(workdir, s, result_key(n, args))) for n in names)]
+            def is_done(workdir: str, step: int) -> bool:
+                return all(os.path.exists(result_path(workdir, step, result_key(n, args))) for n in names)
 
             runs = (lambda: find_runs(args.root)) if args.root else (lambda: [os.path.abspath(args.workdir)])
             print(f"effax eval: watching {args.root or args.workdir} for new checkpoints every {args.poll:g} s "
                   f"(Ctrl-C to stop)", file=sys.stderr, flush=True)
-            return watch.watch(runs, pending, evaluate_step, poll=args.poll, timeout=args.watch_timeout,
-                               until_step=args.until_step, checkpoint_steps=restore_lib.checkpoint_steps)
+            return watch.watch(runs, restore_lib.checkpoint_steps, is_done, evaluate_step, poll=args.poll,
+                               timeout=args.watch_timeout, until_step=args.until_step)
         if args.workdir:
             finish(evaluate(restore_lib.restore(args.workdir, args.step or "latest", mesh), names, args, lead=lead))
             return 0

@@ -15,39 +15,36 @@ from effax.eval.restore import RestoreError
 log = logging.getLogger("effax")
 
 
-def watch(find_runs, pending, evaluate_step, *, poll: float, timeout: float | None, until_step: int | None,
-          checkpoint_steps) -> int:
+def watch(find_runs, checkpoint_steps, is_done, evaluate_step, *, poll: float, timeout: float | None,
+          until_step: int | None) -> int:
     """Polls until interrupted, `timeout` seconds pass without a new checkpoint, or every run has a checkpoint
     at step >= `until_step` evaluated.
 
-    find_runs() -> run folders; pending(run) -> its checkpoint steps without results;
-    evaluate_step(run, step) evaluates and files one checkpoint; checkpoint_steps(run) -> all its steps.
+    find_runs() -> run folders; checkpoint_steps(run) -> its finished checkpoint steps; is_done(run, step)
+    -> whether that step's results exist; evaluate_step(run, step) evaluates and files one checkpoint.
+    A run's steps are listed once per poll and both the work and the --until-step check come from that
+    one listing: a checkpoint that lands between two listings must not count as done unevaluated.
     """
     failed: set[tuple[str, int]] = set()
     last_new = time.monotonic()
     while True:
         runs = find_runs()
+        done_up_to = {}
         for run in runs:
-            for step in pending(run):
-                if (run, step) in failed:
-                    continue
-                try:
-                    evaluate_step(run, step)
-                except RestoreError as e:
-                    log.warning("%s", e)
-                    failed.add((run, step))
-                last_new = time.monotonic()
-        if until_step is not None and runs and all(_done_up_to(r, pending, checkpoint_steps, failed) >= until_step
-                                                   for r in runs):
+            done_up_to[run] = -1
+            for step in checkpoint_steps(run):
+                if (run, step) not in failed and not is_done(run, step):
+                    try:
+                        evaluate_step(run, step)
+                    except RestoreError as e:
+                        log.warning("%s", e)
+                        failed.add((run, step))
+                    last_new = time.monotonic()
+                done_up_to[run] = step  # evaluated now, before, or given up on
+        if until_step is not None and runs and all(d >= until_step for d in done_up_to.values()):
             return 0
         if timeout is not None and time.monotonic() - last_new >= timeout:
             log.warning("no new checkpoint for %.0f s; stopping", timeout)
             return 0
         wait = poll if timeout is None else min(poll, max(0.0, timeout - (time.monotonic() - last_new)))
         time.sleep(wait)
-
-
-def _done_up_to(run: str, pending, checkpoint_steps, failed) -> int:
-    """The highest step of `run` that is evaluated (or given up on); -1 if none."""
-    todo = set(pending(run))
-    return max((s for s in checkpoint_steps(run) if s not in todo or (run, s) in failed), default=-1)
