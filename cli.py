@@ -9,8 +9,8 @@ COMMANDS = {
     "train": ("effax.train.cli", "train a model from an experiment file, or resume a run"),
     "prepare": ("effax.train.prepare", "tokenize a corpus into ArrayRecord shards (optionally train a BPE)"),
     "eval": ("effax.eval.cli", "evaluate checkpoints: loss, bpb, MQAR, generation, throughput (--watch for new ones)"),
-    "fit": ("effax.eval.fit_cli", "scaling-law fits, plots and a report from a sweep root"),
-    "sweep": ("effax.train.sweep_cli", "launch, resume and inspect a sweep of runs"),
+    "fit": ("effax.eval.fits.cli", "scaling-law fits, plots and a report from a sweep root"),
+    "sweep": ("effax.train.sweeps.cli", "launch, resume and inspect a sweep of runs"),
     "bench": ("effax.train.bench", "time the training step of a config and its variants (a table)"),
 }
 

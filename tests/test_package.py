@@ -45,3 +45,14 @@ def test_config_error_exits_before_compiling(repo):
                           "model.n_heads=5"], capture_output=True, text=True, cwd=repo)
     assert out.returncode == 2
     assert "model.n_heads=5 does not divide model.d_model=64" in out.stderr
+
+
+def test_every_package_folder_is_in_pyproject(repo):
+    # The editable install finds any folder, but the wheel holds only those listed: an unlisted
+    # subpackage (train/sweeps/, eval/fits/, ...) would be missing after `pip install .`.
+    import tomllib
+
+    listed = set(tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    tops = [d for d in repo.iterdir() if (d / "__init__.py").is_file() and d.name != "tests"]
+    found = {"effax"} | {".".join(("effax", *p.parent.relative_to(repo).parts)) for d in tops for p in d.rglob("__init__.py")}
+    assert listed == found

@@ -33,7 +33,7 @@ import dataclasses
 
 from effax.models.dense import DenseConfig
 from effax.train.config import CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, OptimizerConfig, TrainConfig
-from effax.train.sweep import Scaling
+from effax.train.sweeps.spec import Scaling
 
 BATCH = 8
 LR_WIDTH = 0.2  # η = LR_WIDTH / d_model

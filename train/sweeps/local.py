@@ -32,8 +32,8 @@ import subprocess
 import sys
 import time
 
-from effax.train.launch import OnUpdate, RunResult, RunSpec, Status
-from effax.train.store import ATTEMPT_END, ATTEMPT_START, log_attempts
+from effax.train.sweeps.launch import OnUpdate, RunResult, RunSpec, Status
+from effax.train.sweeps.store import ATTEMPT_END, ATTEMPT_START, log_attempts
 
 LOCK_NAME = ".sweep.lock"
 NO_RETRY_EXIT = (2, 3)  # config error, diverged: deterministic, a retry would fail the same way

@@ -1,5 +1,6 @@
 """Scaling-law fits over a sweep root: Chinchilla approaches 2 and 3, bootstrap CIs, a held-out check and
-the compute multiplier between architectures. Plots live in scaling_plots.py, the report and CLI in fit_cli.py.
+the compute multiplier between architectures. fit.py runs them per architecture; plots.py and report.py
+draw the result; cli.py is `effax fit`.
 
 Conventions. N = non-embedding parameters, D = training tokens, C = training FLOPs from the model's own
 `flops_per_token(seq_len)` (not 6N), L = final validation loss (nats/token). Fits work in natural logs.
@@ -7,7 +8,7 @@ Conventions. N = non-embedding parameters, D = training tokens, C = training FLO
     runs = [r for r in load_runs("runs/sweep") if r.finished]   # one Run per workdir below the root
     law = approach3(*arrays(runs)[:2], arrays(runs)[3])         # L(N, D) = E + A/N^α + B/D^β
     fit2 = approach2(runs)                                       # N* = k_N C^a, D* = k_D C^b
-    # eval/fit_cli.py's fit_all(runs) runs everything per architecture, with CIs (what fit.json holds)
+    # fit.py's fit_all(runs) runs everything per architecture, with CIs (what fit.json holds)
 
 Approach 2 (IsoFLOP): runs are grouped by compute budget, a parabola of L over log N is fitted per budget,
 its vertex gives N*(C); D*(C) = C / f(N*), with f the budget's FLOPs per token interpolated log-log over its

@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any, Mapping
 
-from effax.train.launch import OnUpdate, RunResult, RunSpec, Status
+from effax.train.sweeps.launch import OnUpdate, RunResult, RunSpec, Status
 
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
           "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}

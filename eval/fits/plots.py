@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from effax.eval import scaling
+from effax.eval.fits import scaling
 
 
 def _plt():
@@ -120,7 +120,7 @@ def residuals(result: dict, runs: dict[str, list[scaling.Run]], path: str) -> No
 
 
 def write_all(result: dict, out_dir: str) -> list[str]:
-    """Writes the four PNGs of a `scaling.fit_all` result into out_dir; returns their file names."""
+    """Writes the four PNGs of a `fit.fit_all` result into out_dir; returns their file names."""
     runs = {arch: fit["_runs"] for arch, fit in result["archs"].items()}
     names = ["loss_vs_compute.png", "isoflops.png", "allocation.png", "residuals.png"]
     loss_vs_compute(result, runs, os.path.join(out_dir, names[0]))

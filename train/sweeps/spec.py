@@ -9,7 +9,7 @@
 Every run is resolved and validated with `config.resolve` before anything launches, so an unknown key,
 a bad value or a budget too small fails naming the run. A run's id is a hash of its resolved config
 (`run_id`); `ROOT/<run_id>/` is an ordinary `effax train` workdir plus `sweep.json` (arch, N, D, C,
-budget: what the scaling fits in eval/scaling.py read).
+budget: what the scaling fits in eval/fits/scaling.py read).
 
 Scaling blocks. For each size, FLOPs per token f come from the model's own `flops_per_token(seq_len)`
 (attention and LM head included, not 6N); a budget C gives D = C / f tokens. Learning rate and batch

@@ -18,10 +18,11 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from effax import cli  # noqa: E402
-from effax.eval import fit_cli, scaling  # noqa: E402
+from effax.eval.fits import cli as fit_cli  # noqa: E402
+from effax.eval.fits import scaling  # noqa: E402
 from effax.train import config as config_lib  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[3]
 TRUE = scaling.Law(E=1.817, A=482.0, B=2085.4, alpha=0.348, beta=0.366)
 A_TRUE = TRUE.beta / (TRUE.alpha + TRUE.beta)  # N_opt ∝ C^a
 C_REF = 5.76e23  # Chinchilla's budget

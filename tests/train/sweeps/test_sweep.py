@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-from effax.train import store as store_lib
-from effax.train import sweep
-from effax.train import sweep_cli
 from effax.train.config import ConfigError, resolve
-from effax.train.launch import RunSpec
-from effax.train.local import LocalBackend
+from effax.train.sweeps import cli as sweep_cli
+from effax.train.sweeps import spec as sweep
+from effax.train.sweeps import store as store_lib
+from effax.train.sweeps.launch import RunSpec
+from effax.train.sweeps.local import LocalBackend
 
 SMOKE = "experiments/quickstart.py:smoke"
 
@@ -34,7 +34,7 @@ def experiment(tmp_path, sweep_src: str, name="exp.py") -> str:
     path = tmp_path / name
     path.write_text(textwrap.dedent(f"""\
         from effax.train.config import load_experiment
-        from effax.train.sweep import Scaling
+        from effax.train.sweeps.spec import Scaling
 
         def get_config(variant=None):
             module, _ = load_experiment({os.path.abspath("experiments/quickstart.py")!r})
@@ -72,7 +72,7 @@ def test_scaling_block_tokens_and_step_law(tmp_path):
         seq = r.cfg.data.seq_len
         fpt = r.cfg.model.flops_per_token(seq)
         D = r.budget / fpt  # the budget's tokens for this size
-        # Step Law, written out here independently of train/sweep.py
+        # Step Law, written out here independently of train/sweeps/spec.py
         batch = max(1, round(0.58 * D ** 0.571 / seq))
         assert r.cfg.train.batch_size == batch
         assert r.steps == round(D / (batch * seq))

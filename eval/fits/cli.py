@@ -1,7 +1,7 @@
 """`effax fit --root DIR [--out DIR] [--bootstrap N] [--baseline ARCH]`: scaling-law fits of a sweep root,
 written as fit.json (authoritative), PNG plots and report.md (see docs/scaling.md).
 
-`fit_all(runs)` runs every fit of eval/scaling.py per architecture and returns what fit.json holds."""
+`fit_all(runs)` runs every fit of scaling.py per architecture and returns what fit.json holds."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from effax.eval import scaling  # noqa: E402
+from effax.eval.fits import scaling  # noqa: E402
 
 HELP = """\
 Fit scaling laws to the finished runs below a sweep root (ROOT/<run_id>/config.json + metrics.jsonl).
@@ -235,7 +235,7 @@ def report(result: dict, plots: list[str]) -> str:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from effax.eval import scaling_plots
+    from effax.eval.fits import plots as scaling_plots
 
     out = args.out or os.path.join(args.root, "fit")
     try:

@@ -1,4 +1,4 @@
-"""The Slurm backend against a real single-node Slurm started by the test (tests/train/slurm_fixture.py):
+"""The Slurm backend against a real single-node Slurm started by the test (tests/train/sweeps/slurm_fixture.py):
 a capped job array of two runs, a 2-task multi-host run, and Ctrl-C cancelling the jobs."""
 
 import os
@@ -12,8 +12,8 @@ import slurm_fixture
 import submitit
 
 from effax.train import metrics as metrics_lib
-from effax.train.launch import RunSpec
-from effax.train.slurm import SlurmBackend
+from effax.train.sweeps.launch import RunSpec
+from effax.train.sweeps.slurm import SlurmBackend
 
 SMOKE = "experiments/quickstart.py:smoke"
 SETS = ["mesh.data=-1", "logging.tensorboard=false", "logging.progress=false"]

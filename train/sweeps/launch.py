@@ -1,9 +1,9 @@
 """Launching runs: the small interface every backend implements (local process pool, Slurm).
 
 A backend receives fully resolved runs — each one an `effax train` command line and its workdir — and
-reports each run's outcome. It knows nothing of sweeps, fits or the run index; `train/sweep.py` does.
-Every run is resumable (its workdir holds its checkpoints), so a retry or a relaunch simply runs the
-same command again.
+reports each run's outcome. It knows nothing of sweep specs, fits or the run index (spec.py, runner.py
+and store.py beside it do). Every run is resumable (its workdir holds its checkpoints), so a retry or a
+relaunch simply runs the same command again.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ Status = Literal["pending", "running", "finished", "failed", "interrupted", "tim
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    run_id: str  # hash of the resolved config (train/sweep.py)
+    run_id: str  # hash of the resolved config (train/sweeps/spec.py)
     workdir: str  # absolute; `effax train` resumes from it
     argv: tuple[str, ...]  # arguments after `effax train`: CONFIG[:VARIANT] --workdir DIR --set ...
     nodes: int = 1  # multi-host: nodes × tasks_per_node processes, jax.distributed under Slurm

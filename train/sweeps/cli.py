@@ -85,7 +85,7 @@ def status_table(runs: list[dict]) -> str:
 
 def _launcher_lock(root: str) -> int | None:
     """An fd holding ROOT/.launcher.lock, or None if another `effax sweep` holds it."""
-    from effax.train.local import try_lock_file
+    from effax.train.sweeps.local import try_lock_file
 
     return try_lock_file(os.path.join(root, ".launcher.lock"))
 
@@ -99,7 +99,7 @@ def status_main(argv: list[str]) -> int:
     p.add_argument("--root", required=True)
     p.add_argument("--rebuild", action="store_true", help="recreate sweep.sqlite from the run folders")
     args = p.parse_args(argv)
-    from effax.train.store import DB_NAME, Store
+    from effax.train.sweeps.store import DB_NAME, Store
 
     if not os.path.isdir(args.root):
         print(f"effax sweep status: {args.root} is not a directory", file=sys.stderr)
@@ -152,11 +152,11 @@ def _literal(text: str):
 def _backend(args):
     env = _parse_kv(args.env, "--env")
     if args.backend == "local":
-        from effax.train.local import LocalBackend
+        from effax.train.sweeps.local import LocalBackend
 
         return LocalBackend(concurrency=args.concurrency, env=env)
     try:
-        from effax.train.slurm import SlurmBackend
+        from effax.train.sweeps.slurm import SlurmBackend
     except ImportError as e:
         raise ValueError(f"the Slurm backend is unavailable ({e}); use --backend local") from None
     options = {k: _literal(v) for k, v in _parse_kv(args.slurm, "--slurm").items()}
@@ -201,7 +201,7 @@ def main(argv: list[str]) -> int:
         print("effax sweep: --concurrency, --nodes and --tasks-per-node must be >= 1, --retries >= 0, --timeout > 0",
               file=sys.stderr)
         return 2
-    from effax.train import sweep
+    from effax.train.sweeps import spec as sweep
     from effax.train.config import ConfigError
 
     try:
@@ -223,9 +223,9 @@ def main(argv: list[str]) -> int:
 
 
 def launch(args, plan, backend) -> int:
-    from effax.train import sweep
-    from effax.train.launch import RunSpec
-    from effax.train.store import DB_NAME, Store, finished_on_disk
+    from effax.train.sweeps import spec as sweep
+    from effax.train.sweeps.launch import RunSpec
+    from effax.train.sweeps.store import DB_NAME, Store, finished_on_disk
 
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
@@ -239,7 +239,7 @@ def launch(args, plan, backend) -> int:
         store.rebuild()  # a root whose index was lost: recover statuses and attempts from the run folders
     store.set_meta(config=args.config, overrides=args.overrides, backend=backend.name)
     if backend.name == "local":
-        from effax.train.local import wait_until_unlocked
+        from effax.train.sweeps.local import wait_until_unlocked
 
         wait_until_unlocked([os.path.join(root, r.run_id) for r in plan])
     todo, done = [], 0
