@@ -1,4 +1,5 @@
-"""`effax sweep CONFIG[:VARIANT] --root DIR [...]` and `effax sweep status --root DIR`."""
+"""`effax sweep CONFIG[:VARIANT] --root DIR [...]` and `effax sweep status --root DIR`: options in, tables
+out. What to launch, skip or resume, and each run's status, is decided in runner.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import os
 import signal
 import sys
-import time
 
 HELP = """\
 Launch, resume and inspect a sweep of training runs.
@@ -83,13 +83,6 @@ def status_table(runs: list[dict]) -> str:
     return _table(rows) + "\n" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" ({len(runs)} runs)"
 
 
-def _launcher_lock(root: str) -> int | None:
-    """An fd holding ROOT/.launcher.lock, or None if another `effax sweep` holds it."""
-    from effax.train.sweeps.local import try_lock_file
-
-    return try_lock_file(os.path.join(root, ".launcher.lock"))
-
-
 # ---------------------------------------------------------------------------------------------------
 # effax sweep status
 
@@ -99,29 +92,16 @@ def status_main(argv: list[str]) -> int:
     p.add_argument("--root", required=True)
     p.add_argument("--rebuild", action="store_true", help="recreate sweep.sqlite from the run folders")
     args = p.parse_args(argv)
-    from effax.train.sweeps.store import DB_NAME, Store
+    from effax.train.sweeps import runner
 
     if not os.path.isdir(args.root):
         print(f"effax sweep status: {args.root} is not a directory", file=sys.stderr)
         return 2
-    fresh = not os.path.exists(os.path.join(args.root, DB_NAME))
-    store = Store(args.root)
-    if fresh or args.rebuild:
-        n = store.rebuild()
-        print(f"rebuilt {store.path} from {n} run folders")
+    store, rebuilt = runner.open_store(args.root, rebuild=args.rebuild)
+    if rebuilt is not None:
+        print(f"rebuilt {store.path} from {rebuilt} run folders")
+    runs, launcher_alive = runner.current_runs(store)
     meta = store.meta()
-    # "running" rows of a local sweep whose launcher is gone are stale: its children stopped with it.
-    fd = _launcher_lock(store.root)
-    launcher_alive = fd is None
-    if fd is not None:
-        os.close(fd)
-    runs = []
-    for r in store.runs():
-        r = store.refresh(r["run_id"])
-        if r["status"] == "running" and not launcher_alive and meta.get("backend", "local") == "local":
-            store.update(r["run_id"], status="interrupted")
-            r["status"] = "interrupted"
-        runs.append(r)
     if meta.get("config"):
         print(f"sweep {meta['config']} {' '.join(meta.get('overrides', []))}".rstrip()
               + (" (launcher running)" if launcher_alive else ""))
@@ -169,23 +149,16 @@ def _backend(args):
 class _Progress:
     """tqdm over runs: a run counts once it reaches an end state (a retry puts it back in flight)."""
 
-    def __init__(self, store, runs, already_done: int):
+    def __init__(self, total: int, already_done: int):
         from tqdm import tqdm
 
-        self.store, self.state = store, {}
-        self.base = {r.run_id: (store.get(r.run_id) or {}).get("attempts", 0) for r in runs}
-        self.bar = tqdm(total=len(runs) + already_done, initial=already_done, unit="run", dynamic_ncols=True)
+        self.state = {}
+        self.bar = tqdm(total=total, initial=already_done, unit="run", dynamic_ncols=True)
         self.done0 = already_done
 
     def __call__(self, run_id: str, status: str, attempt: int) -> None:
-        now = time.time()
-        if status == "running":
-            self.store.update(run_id, status="running", attempts=self.base[run_id] + attempt, started=now, ended=None)
-        else:
-            self.store.update(run_id, status=status, ended=now)
-            self.store.refresh(run_id)
-            if status != "finished":
-                self.bar.write(f"run {run_id}: {status} (attempt {attempt}); see its train.log")
+        if status not in ("running", "finished"):
+            self.bar.write(f"run {run_id}: {status} (attempt {attempt}); see its train.log")
         self.state[run_id] = status
         self.bar.n = self.done0 + sum(s not in ("running", "pending") for s in self.state.values())
         running = sum(s == "running" for s in self.state.values())
@@ -201,18 +174,18 @@ def main(argv: list[str]) -> int:
         print("effax sweep: --concurrency, --nodes and --tasks-per-node must be >= 1, --retries >= 0, --timeout > 0",
               file=sys.stderr)
         return 2
-    from effax.train.sweeps import spec as sweep
     from effax.train.config import ConfigError
+    from effax.train.sweeps import spec
 
     try:
-        plan, notes = sweep.expand(args.config, args.overrides)
+        plan, notes = spec.expand(args.config, args.overrides)
     except ConfigError as e:
         print(f"effax sweep: config error: {e}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"note: {note}")
     if args.dry_run:
-        print(sweep.dry_run_table(plan, concurrency=args.concurrency, tokens_per_s=args.tokens_per_s))
+        print(spec.dry_run_table(plan, concurrency=args.concurrency, tokens_per_s=args.tokens_per_s))
         return 0
     try:
         backend = _backend(args)
@@ -223,69 +196,46 @@ def main(argv: list[str]) -> int:
 
 
 def launch(args, plan, backend) -> int:
-    from effax.train.sweeps import spec as sweep
-    from effax.train.sweeps.launch import RunSpec
-    from effax.train.sweeps.store import DB_NAME, Store, finished_on_disk
+    from effax.train.sweeps import runner
 
-    root = os.path.abspath(args.root)
-    os.makedirs(root, exist_ok=True)
-    lock = _launcher_lock(root)
-    if lock is None:
-        print(f"effax sweep: another `effax sweep` is already launching runs in {root}", file=sys.stderr)
+    try:
+        sweep = runner.Launch(args.root, args.config, args.overrides, plan, backend.name, nodes=args.nodes,
+                              tasks_per_node=args.tasks_per_node, timeout_s=args.timeout, retries=args.retries)
+    except runner.SweepBusy as e:
+        print(f"effax sweep: {e}", file=sys.stderr)
         return 2
-    fresh = not os.path.exists(os.path.join(root, DB_NAME))
-    store = Store(root)
-    if fresh:
-        store.rebuild()  # a root whose index was lost: recover statuses and attempts from the run folders
-    store.set_meta(config=args.config, overrides=args.overrides, backend=backend.name)
-    if backend.name == "local":
-        from effax.train.sweeps.local import wait_until_unlocked
+    try:
+        return _run(args, sweep, backend)
+    finally:
+        sweep.close()
 
-        wait_until_unlocked([os.path.join(root, r.run_id) for r in plan])
-    todo, done = [], 0
-    for position, run in enumerate(plan):
-        workdir = os.path.join(root, run.run_id)
-        sweep.write_sweep_json(workdir, {**run.sweep_json(args.config, args.overrides), "position": position})
-        store.add(run.run_id, position=position, arch=run.arch, overrides=list(run.overrides), workdir=workdir)
-        if finished_on_disk(workdir):
-            store.update(run.run_id, status="finished")
-            store.refresh(run.run_id)
-            done += 1
-        else:
-            if (store.get(run.run_id) or {}).get("status") in ("running", "finished"):
-                store.update(run.run_id, status="interrupted")  # a dead launcher's run, or its files were lost
-            todo.append(RunSpec(run.run_id, workdir, sweep.train_argv(args.config, args.overrides, run, workdir),
-                                nodes=args.nodes, tasks_per_node=args.tasks_per_node,
-                                timeout_s=args.timeout, retries=args.retries))
-    print(f"{len(plan)} runs in {root}: {done} finished, launching {len(todo)} on {backend.name}"
-          + (f" (concurrency {args.concurrency})" if backend.name == "local" else ""))
+
+def _run(args, sweep, backend) -> int:
+    print(f"{len(sweep.todo) + sweep.done} runs in {sweep.root}: {sweep.done} finished, launching {len(sweep.todo)} "
+          f"on {backend.name}" + (f" (concurrency {args.concurrency})" if backend.name == "local" else ""))
+    if not sweep.todo:
+        print(status_table(sweep.store.runs()))
+        return 0
 
     stopped_by = {"exit": 130}
-
-    if not todo:
-        print(status_table(store.runs()))
-        return 0
 
     def on_sigterm(signum, frame):
         stopped_by["exit"] = 143
         raise KeyboardInterrupt  # same clean stop as Ctrl-C: children save and are marked interrupted
 
     old = signal.signal(signal.SIGTERM, on_sigterm)
-    progress = _Progress(store, todo, done)
+    progress = _Progress(len(sweep.todo) + sweep.done, sweep.done)
     try:
-        results = backend.launch(todo, on_update=progress)
+        results = sweep.run(backend, on_update=progress)
     except KeyboardInterrupt:
         progress.bar.close()
         print(f"\ninterrupted; running runs saved a checkpoint. Re-run the same command to resume.\n"
-              f"{status_table(store.runs())}", file=sys.stderr)
+              f"{status_table(sweep.store.runs())}", file=sys.stderr)
         return stopped_by["exit"]
     finally:
         signal.signal(signal.SIGTERM, old)
     progress.bar.close()
-    for res in results:
-        store.update(res.run_id, returncode=res.returncode, status=res.status)
-        store.refresh(res.run_id)
-    print(status_table(store.runs()))
+    print(status_table(sweep.store.runs()))
     bad = [r for r in results if r.status != "finished"]
     if bad:
         print(f"{len(bad)} run(s) did not finish: " + ", ".join(f"{r.run_id} ({r.status}, {r.log_path})" for r in bad),

@@ -19,6 +19,8 @@ import pytest  # noqa: E402
 
 from effax import cli  # noqa: E402
 from effax.eval.fits import cli as fit_cli  # noqa: E402
+from effax.eval.fits import fit as fit_lib  # noqa: E402
+from effax.eval.fits import report as report_lib  # noqa: E402
 from effax.eval.fits import scaling  # noqa: E402
 from effax.train import config as config_lib  # noqa: E402
 
@@ -45,12 +47,12 @@ def sweep(arch="base", scale=1.0, noise=0.0, seed=0, budgets=np.logspace(18, 21,
 @pytest.fixture(scope="module")
 def noisy():
     """One fit of a 1%-noise sweep with the default 1000 bootstrap resamples (about 2 s)."""
-    return fit_cli.fit_all(sweep(noise=0.01, seed=0), bootstrap=1000, budgets=[C_REF])["archs"]["base"]
+    return fit_lib.fit_all(sweep(noise=0.01, seed=0), bootstrap=1000, budgets=[C_REF])["archs"]["base"]
 
 
 @pytest.fixture(scope="module")
 def exact():
-    return fit_cli.fit_all(sweep(), bootstrap=0, budgets=[C_REF])["archs"]["base"]
+    return fit_lib.fit_all(sweep(), bootstrap=0, budgets=[C_REF])["archs"]["base"]
 
 
 def test_true_law_gives_about_18_tokens_per_parameter():
@@ -129,9 +131,9 @@ def test_an_exponent_beyond_the_bounds_is_flagged():
     assert law.alpha == pytest.approx(scaling.EXPONENT_BOUNDS[1]) and scaling.at_bound(law) == ["alpha"]
     assert scaling.at_bound(TRUE) == []
     runs = [scaling.Run(f"r{i}", "steep", n, d, 6 * n * d, steep(n, d), True) for i, (n, d) in enumerate(zip(N, D))]
-    result = fit_cli.fit_all(runs, bootstrap=0)
+    result = fit_lib.fit_all(runs, bootstrap=0)
     assert result["archs"]["steep"]["approach3"]["at_bound"] == ["alpha"]
-    assert "| approach 3: warning | alpha ended on its bound [0.05, 2.0]" in fit_cli.report(result, [])
+    assert "| approach 3: warning | alpha ended on its bound [0.05, 2.0]" in report_lib.report(result, [])
 
 
 def test_heldout_prediction_is_exact_on_noiseless_data(exact):
@@ -143,7 +145,7 @@ def test_heldout_prediction_is_exact_on_noiseless_data(exact):
 
 @pytest.mark.parametrize("scale", [2.0, 0.5])
 def test_compute_multiplier_equals_the_parameter_scale(scale):
-    result = fit_cli.fit_all(sweep("base") + sweep("other", scale=scale), bootstrap=0, baseline="base")
+    result = fit_lib.fit_all(sweep("base") + sweep("other", scale=scale), bootstrap=0, baseline="base")
     m = result["multiplier"]["other"]
     assert m["target_loss"] == pytest.approx(min(r.loss for r in sweep("base")))
     assert m["value"] == pytest.approx(scale, rel=1e-3)
@@ -151,13 +153,13 @@ def test_compute_multiplier_equals_the_parameter_scale(scale):
 
 def test_compute_multiplier_ci_covers_the_scale_under_noise():
     runs = sweep("base", noise=0.01, seed=2) + sweep("other", scale=2.0, noise=0.01, seed=3)
-    m = fit_cli.fit_all(runs, bootstrap=200, baseline="base")["multiplier"]["other"]
+    m = fit_lib.fit_all(runs, bootstrap=200, baseline="base")["multiplier"]["other"]
     assert m["ci"][0] <= 2.0 <= m["ci"][1]
 
 
 def test_too_little_data_is_a_clear_error():
     with pytest.raises(scaling.ScalingError, match="no finished runs"):
-        fit_cli.fit_all([dataclasses.replace(r, finished=False) for r in sweep()[:3]])
+        fit_lib.fit_all([dataclasses.replace(r, finished=False) for r in sweep()[:3]])
     one_budget = sweep(budgets=[1e19])
     with pytest.raises(scaling.ScalingError, match="≥2 compute budgets with ≥3 model sizes"):
         scaling.approach2(one_budget)
@@ -166,7 +168,7 @@ def test_too_little_data_is_a_clear_error():
         scaling.approach2(two_sizes)
     with pytest.raises(scaling.ScalingError, match="≥5 finished runs"):
         scaling.approach3(*scaling.arrays(one_budget[:4])[:2], scaling.arrays(one_budget[:4])[3])
-    fit = fit_cli.fit_all(sweep(budgets=[1e19, 1e20]), bootstrap=0)["archs"]["base"]
+    fit = fit_lib.fit_all(sweep(budgets=[1e19, 1e20]), bootstrap=0)["archs"]["base"]
     assert "≥3 compute budgets" in fit["heldout"]["error"]  # the others still fit
     assert "error" not in fit["approach2"] and "error" not in fit["approach3"]
 
