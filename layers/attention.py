@@ -1,10 +1,13 @@
-"""The one attention entry point, its mask type, the test oracle, and the attention module.
+"""The one attention entry point, its mask type, the test oracle, and the attention mixers.
 
-    out_BTHD = attention(q_BTHD, k_BTKD, v_BTKD, mask=Mask(...), impl="auto")
+    out_BTHP = attention(q_BTHP, k_BTKP, v_BTKP, mask=Mask(...), impl="auto")
 
 H query heads share K key/value heads (GQA, H % K == 0; K == H is MHA, K == 1 MQA). Every impl
 honours every `Mask` field or raises: a backend that silently drops segment ids trains on a wrong
 loss (the MaxText bug class named in DESIGN.md).
+
+Mixers registered here: "attn" (causal, full KV cache) and "swa" (sliding window of
+`model.sliding_window` keys, ring-buffer cache of that many slots).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effax.layers.kv_cache import KVCache
+from effax.layers.kv_cache import KVState, visible_BTS
+from effax.layers.mixer import Layer, LayerContext, register_mixer
 from effax.layers.rope import apply_rope
 from effax.layers.sharding import constrain, logical_init
 
@@ -67,23 +71,23 @@ class Mask:
 jax.tree_util.register_dataclass(Mask, data_fields=["segment_ids_BT"], meta_fields=["causal", "window"])
 
 
-def _check_shapes(q_BTHD, k_BTKD, v_BTKD, mask: Mask) -> None:
-    B, T, H, D = q_BTHD.shape
-    if k_BTKD.shape != v_BTKD.shape or k_BTKD.shape[:2] != (B, T) or k_BTKD.shape[3] != D:
-        raise ValueError(f"attention: k {k_BTKD.shape} / v {v_BTKD.shape} do not match q {q_BTHD.shape} (self-attention, same B, T, D)")
-    if H % k_BTKD.shape[2]:
-        raise ValueError(f"attention: {H} query heads are not a multiple of {k_BTKD.shape[2]} kv heads")
+def _check_shapes(q_BTHP, k_BTKP, v_BTKP, mask: Mask) -> None:
+    B, T, H, P = q_BTHP.shape
+    if k_BTKP.shape != v_BTKP.shape or k_BTKP.shape[:2] != (B, T) or k_BTKP.shape[3] != P:
+        raise ValueError(f"attention: k {k_BTKP.shape} / v {v_BTKP.shape} do not match q {q_BTHP.shape} (self-attention, same B, T, P)")
+    if H % k_BTKP.shape[2]:
+        raise ValueError(f"attention: {H} query heads are not a multiple of {k_BTKP.shape[2]} kv heads")
     if mask.segment_ids_BT is not None and mask.segment_ids_BT.shape != (B, T):
         raise ValueError(f"attention: segment_ids_BT has shape {mask.segment_ids_BT.shape}, expected {(B, T)}")
 
 
-def reference_attention(q_BTHD, k_BTKD, v_BTKD, *, mask: Mask, scale: float | None = None) -> jax.Array:
+def reference_attention(q_BTHP, k_BTKP, v_BTKP, *, mask: Mask, scale: float | None = None) -> jax.Array:
     """The test oracle: everything in fp32, KV repeated per query head, the mask written out from
     positions and segment ids independently of `Mask.allowed_BTS`."""
-    _check_shapes(q_BTHD, k_BTKD, v_BTKD, mask)
-    B, T, H, D = q_BTHD.shape
-    G = H // k_BTKD.shape[2]
-    q, k, v = (a.astype(jnp.float32) for a in (q_BTHD, k_BTKD, v_BTKD))
+    _check_shapes(q_BTHP, k_BTKP, v_BTKP, mask)
+    B, T, H, P = q_BTHP.shape
+    G = H // k_BTKP.shape[2]
+    q, k, v = (a.astype(jnp.float32) for a in (q_BTHP, k_BTKP, v_BTKP))
     k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)  # query head h uses kv head h // G
     pos_q = jnp.arange(T).reshape(1, 1, T, 1)
     pos_k = jnp.arange(T).reshape(1, 1, 1, T)
@@ -95,29 +99,29 @@ def reference_attention(q_BTHD, k_BTKD, v_BTKD, *, mask: Mask, scale: float | No
     if mask.segment_ids_BT is not None:
         seg = mask.segment_ids_BT
         visible_BHTS = visible_BHTS & (seg[:, None, :, None] == seg[:, None, None, :])
-    scale = 1 / math.sqrt(D) if scale is None else scale
+    scale = 1 / math.sqrt(P) if scale is None else scale
     logits = jnp.einsum("bthd,bshd->bhts", q, k) * scale
     probs = jax.nn.softmax(jnp.where(visible_BHTS, logits, -jnp.inf), axis=-1)
-    return jnp.einsum("bhts,bshd->bthd", probs, v).astype(q_BTHD.dtype)
+    return jnp.einsum("bhts,bshd->bthd", probs, v).astype(q_BTHP.dtype)
 
 
-def _xla_attention(q_BTHD, k_BTKD, v_BTKD, mask: Mask, scale: float) -> jax.Array:
-    """Masked einsum in [B, K, G, T, D] layout: one transpose before the einsums is 2.6x faster on CPU
-    than einsums over [B, T, H, D] (shared/notes). Groups come from a reshape, KV is never repeated.
+def _xla_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float) -> jax.Array:
+    """Masked einsum in [B, K, G, T, P] layout: one transpose before the einsums is 2.6x faster on CPU
+    than einsums over [B, T, H, P] (shared/notes). Groups come from a reshape, KV is never repeated.
     Logits, softmax and the AV accumulation are fp32; probabilities enter the AV matmul in v's dtype."""
-    B, T, H, D = q_BTHD.shape
-    K = k_BTKD.shape[2]
-    q_BKGTD = q_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
-    k_BKSD = k_BTKD.transpose(0, 2, 1, 3)
-    v_BKSD = v_BTKD.transpose(0, 2, 1, 3)
-    logits_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD, preferred_element_type=jnp.float32) * scale
+    B, T, H, P = q_BTHP.shape
+    K = k_BTKP.shape[2]
+    q_BKGTP = q_BTHP.reshape(B, T, K, H // K, P).transpose(0, 2, 3, 1, 4)
+    k_BKSP = k_BTKP.transpose(0, 2, 1, 3)
+    v_BKSP = v_BTKP.transpose(0, 2, 1, 3)
+    logits_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTP, k_BKSP, preferred_element_type=jnp.float32) * scale
     allowed_B11TS = mask.allowed_BTS(T)[:, None, None]
     probs_BKGTS = jax.nn.softmax(jnp.where(allowed_B11TS, logits_BKGTS, _NEG), axis=-1)
-    out_BKGTD = jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS.astype(v_BTKD.dtype), v_BKSD, preferred_element_type=jnp.float32)
-    return out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BTHD.dtype)
+    out_BKGTP = jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS.astype(v_BTKP.dtype), v_BKSP, preferred_element_type=jnp.float32)
+    return out_BKGTP.transpose(0, 3, 1, 2, 4).reshape(B, T, H, P).astype(q_BTHP.dtype)
 
 
-def _cudnn_attention(q_BTHD, k_BTKD, v_BTKD, mask: Mask, scale: float) -> jax.Array:
+def _cudnn_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float) -> jax.Array:
     """cuDNN flash attention through the public `jax.nn.dot_product_attention`.
 
     causal and window map to is_causal / local_window_size. Segment ids have no public cuDNN argument
@@ -131,8 +135,8 @@ def _cudnn_attention(q_BTHD, k_BTKD, v_BTKD, mask: Mask, scale: float) -> jax.Ar
     jax's cuDNN backward refuses odd T (NotImplementedError "Unsupported sequence length"); the
     forward takes it.
     """
-    if q_BTHD.dtype not in (jnp.bfloat16, jnp.float16):
-        raise NotImplementedError(f"attention impl='cudnn' takes bfloat16/float16 inputs, got {q_BTHD.dtype}; use impl='xla'")
+    if q_BTHP.dtype not in (jnp.bfloat16, jnp.float16):
+        raise NotImplementedError(f"attention impl='cudnn' takes bfloat16/float16 inputs, got {q_BTHP.dtype}; use impl='xla'")
     if mask.window is not None and not mask.causal:
         raise NotImplementedError("attention impl='cudnn' supports Mask.window only with causal=True (a left window)")
     if jax.default_backend() != "gpu":
@@ -145,9 +149,9 @@ def _cudnn_attention(q_BTHD, k_BTKD, v_BTKD, mask: Mask, scale: float) -> jax.Ar
         seg = mask.segment_ids_BT
         seg_mask_B1TS = seg[:, None, :, None] == seg[:, None, None, :]
     return jax.nn.dot_product_attention(
-        q_BTHD,
-        k_BTKD,
-        v_BTKD,
+        q_BTHP,
+        k_BTKP,
+        v_BTKP,
         mask=seg_mask_B1TS,
         scale=scale,
         is_causal=mask.causal,
@@ -156,137 +160,163 @@ def _cudnn_attention(q_BTHD, k_BTKD, v_BTKD, mask: Mask, scale: float) -> jax.Ar
     )
 
 
-def _cudnn_ok(q_BTHD, mask: Mask) -> bool:
+def _cudnn_ok(q_BTHP, mask: Mask) -> bool:
     """What impl='auto' sends to cuDNN: a GPU, half-precision inputs, a mask it honours, and shapes
     its forward and backward both take (head dim a multiple of 8 up to 128, even T)."""
-    _, T, _, D = q_BTHD.shape
+    _, T, _, P = q_BTHP.shape
     return (
         jax.default_backend() == "gpu"
-        and q_BTHD.dtype in (jnp.bfloat16, jnp.float16)
-        and D % 8 == 0
-        and D <= 128
+        and q_BTHP.dtype in (jnp.bfloat16, jnp.float16)
+        and P % 8 == 0
+        and P <= 128
         and T % 2 == 0
         and (mask.window is None or mask.causal)
     )
 
 
-def attention(q_BTHD, k_BTKD, v_BTKD, *, mask: Mask, impl: str = "auto", scale: float | None = None) -> jax.Array:
-    """softmax(q k^T * scale + mask) v per head; scale defaults to 1/sqrt(D). Output in q's dtype.
+def attention(q_BTHP, k_BTKP, v_BTKP, *, mask: Mask, impl: str = "auto", scale: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale + mask) v per head; scale defaults to 1/sqrt(P). Output in q's dtype.
 
     impl: "xla" (masked einsum, any backend), "cudnn" (GPU flash attention; raises for what it cannot
     honour), "auto" (cudnn when `_cudnn_ok`, else xla).
     """
-    _check_shapes(q_BTHD, k_BTKD, v_BTKD, mask)
-    scale = 1 / math.sqrt(q_BTHD.shape[-1]) if scale is None else scale
+    _check_shapes(q_BTHP, k_BTKP, v_BTKP, mask)
+    scale = 1 / math.sqrt(q_BTHP.shape[-1]) if scale is None else scale
     if impl == "auto":
-        impl = "cudnn" if _cudnn_ok(q_BTHD, mask) else "xla"
+        impl = "cudnn" if _cudnn_ok(q_BTHP, mask) else "xla"
     if impl == "xla":
-        return _xla_attention(q_BTHD, k_BTKD, v_BTKD, mask, scale)
+        return _xla_attention(q_BTHP, k_BTKP, v_BTKP, mask, scale)
     if impl == "cudnn":
-        return _cudnn_attention(q_BTHD, k_BTKD, v_BTKD, mask, scale)
+        return _cudnn_attention(q_BTHP, k_BTKP, v_BTKP, mask, scale)
     raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
 
 
-def cache_attention(q_BTHD, k_BSKD, v_BSKD, *, q_positions_BT, mask: Mask, scale: float | None = None) -> jax.Array:
-    """Queries at absolute positions `q_positions_BT` attend a KV cache whose slot s holds position s.
+def cache_attention(q_BTHP, k_BSKP, v_BSKP, *, q_positions_BT, mask: Mask, scale: float | None = None,
+                    slot_positions_BS: jax.Array | None = None) -> jax.Array:
+    """Queries at absolute positions `q_positions_BT` attend a KV cache whose slot s holds the position
+    `slot_positions_BS[b, s]` (-1: empty), by default s itself.
 
-    Key s is visible to a query at position p iff s <= p and, with a window W, p - s < W: the `Mask`
-    rules with positions in place of indices. Slots past a row's current length (stale prompt padding,
-    zeros) all have s > p, so causality alone hides them, and rows of different lengths need nothing
-    more. Segment ids and non-causal masks have no meaning for a cache and raise. Same fp32 numerics
-    and [B, K, G, ., .] layout as `_xla_attention`; a single query row makes it memory-bound, so a
-    fused decode kernel (jax.experimental.pallas.ops gpu decode_attention) is the lever on GPU.
+    A slot is visible to a query at position q iff its position is >= 0, <= q and, with a window W,
+    q - position < W: the `Mask` rules with positions in place of indices (layers/kv_cache.py). Segment
+    ids and non-causal masks have no meaning for a cache and raise. Same fp32 numerics and
+    [B, K, G, ., .] layout as `_xla_attention`; a single query row makes it memory-bound, so a fused
+    decode kernel (jax.experimental.pallas.ops gpu decode_attention) is the lever on GPU.
     """
     if not mask.causal or mask.segment_ids_BT is not None:
         raise NotImplementedError("cache_attention: a KV cache takes only causal masks (optionally windowed), no segment ids")
-    B, T, H, D = q_BTHD.shape
-    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-    scale = 1 / math.sqrt(D) if scale is None else scale
-    q_BKGTD = q_BTHD.reshape(B, T, K, H // K, D).transpose(0, 2, 3, 1, 4)
-    k_BKSD = k_BSKD.transpose(0, 2, 1, 3)
-    v_BKSD = v_BSKD.transpose(0, 2, 1, 3)
-    logits_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD, preferred_element_type=jnp.float32) * scale
-    pos_BT1 = q_positions_BT[:, :, None]
-    slot_11S = jnp.arange(S)[None, None, :]
-    allowed_BTS = slot_11S <= pos_BT1
-    if mask.window is not None:
-        allowed_BTS &= pos_BT1 - slot_11S < mask.window
+    B, T, H, P = q_BTHP.shape
+    S, K = k_BSKP.shape[1], k_BSKP.shape[2]
+    scale = 1 / math.sqrt(P) if scale is None else scale
+    if slot_positions_BS is None:
+        slot_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    q_BKGTP = q_BTHP.reshape(B, T, K, H // K, P).transpose(0, 2, 3, 1, 4)
+    k_BKSP = k_BSKP.transpose(0, 2, 1, 3)
+    v_BKSP = v_BSKP.transpose(0, 2, 1, 3)
+    logits_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTP, k_BKSP, preferred_element_type=jnp.float32) * scale
+    allowed_BTS = visible_BTS(slot_positions_BS, q_positions_BT, mask.window)
     probs_BKGTS = jax.nn.softmax(jnp.where(allowed_BTS[:, None, None], logits_BKGTS, _NEG), axis=-1)
-    out_BKGTD = jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS.astype(v_BSKD.dtype), v_BKSD, preferred_element_type=jnp.float32)
-    return out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q_BTHD.dtype)
+    out_BKGTP = jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS.astype(v_BSKP.dtype), v_BKSP, preferred_element_type=jnp.float32)
+    return out_BKGTP.transpose(0, 3, 1, 2, 4).reshape(B, T, H, P).astype(q_BTHP.dtype)
 
 
-class Attention(nnx.Module):
-    """Multi-head / grouped-query self-attention with RoPE; no biases.
+@register_mixer("attn")
+class Attention(Layer):
+    """Causal multi-head / grouped-query self-attention with RoPE, no biases; a full KV cache.
 
-    Kernels keep heads as their own axis (q: [D, H, Dh], o: [H, Dh, D]) so the heads axis can be
-    sharded by name.
+    Sizes from the model config: d_model, n_heads, kv_heads, dim_per_head, rope_theta, attention_impl.
+    Kernels keep heads as their own axis (q: [D, H, P], o: [H, P, D]) so the heads axis can be sharded by
+    name. The output projection writes into the residual stream, so it starts at `cfg.out_init_std`.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_kv_heads: int,
-        head_dim: int,
-        *,
-        rope_theta: float = 10000.0,
-        init_std: float = 0.02,
-        out_std: float | None = None,  # std of the output projection (defaults to init_std)
-        impl: str = "auto",
-        dtype=jnp.float32,  # compute dtype
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        if impl not in IMPLS:
-            raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
-        if n_heads % n_kv_heads:
-            raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
-        self.rope_theta, self.impl, self.dtype = rope_theta, impl, dtype
-        normal = nnx.initializers.normal
-        out_std = init_std if out_std is None else out_std
+    @classmethod
+    def window(cls, cfg) -> int | None:
+        """Keys each query sees, itself included (None: all earlier ones)."""
+        return None
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        if cfg.attention_impl not in IMPLS:
+            raise ValueError(f"attention impl={cfg.attention_impl!r} is not one of {IMPLS}")
+        D, H, K, P = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+        if H % K:
+            raise ValueError(f"n_heads={H} is not a multiple of n_kv_heads={K}")
+        self.rope_theta, self.impl, self.dtype = cfg.rope_theta, cfg.attention_impl, jnp.dtype(cfg.dtype)
+        self.window_size = self.window(cfg)
+        param_dtype, normal = jnp.dtype(cfg.param_dtype), nnx.initializers.normal
 
         def kernel(std, shape, axes):
             return nnx.Param(logical_init(normal(std), axes)(rngs.params(), shape, param_dtype))
 
-        self.q = kernel(init_std, (d_model, n_heads, head_dim), ("embed", "heads", "head_dim"))
-        self.k = kernel(init_std, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
-        self.v = kernel(init_std, (d_model, n_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"))
-        self.o = kernel(out_std, (n_heads, head_dim, d_model), ("heads", "head_dim", "embed"))
+        self.q = kernel(cfg.init_std, (D, H, P), ("embed", "heads", "head_dim"))
+        self.k = kernel(cfg.init_std, (D, K, P), ("embed", "kv_heads", "head_dim"))
+        self.v = kernel(cfg.init_std, (D, K, P), ("embed", "kv_heads", "head_dim"))
+        self.o = kernel(cfg.out_init_std, (H, P, D), ("heads", "head_dim", "embed"))
 
-    def __call__(self, x_BTD: jax.Array, *, positions_BT: jax.Array, mask: Mask) -> jax.Array:
-        q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT)
-        return self.project_out(attention(q_BTHD, k_BTKD, v_BTKD, mask=mask, impl=self.impl))
+    @classmethod
+    def param_count(cls, cfg) -> int:
+        return cfg.d_model * cfg.dim_per_head * (2 * cfg.n_heads + 2 * cfg.kv_heads)  # q, o + k, v
+
+    @classmethod
+    def flops_per_token(cls, cfg, seq_len: int) -> float:
+        """Projections, plus QK^T and AV over every key the window allows (no causal halving: the PaLM /
+        Chinchilla convention, 4 * keys * H * P)."""
+        keys = seq_len if cls.window(cfg) is None else min(seq_len, cls.window(cfg))
+        return 2 * cls.param_count(cfg) + 4 * keys * cfg.n_heads * cfg.dim_per_head
+
+    def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
+        q_BTHP, k_BTKP, v_BTKP = self.qkv(x_BTD, ctx.positions_BT)
+        mask = Mask(causal=True, window=self.window_size, segment_ids_BT=ctx.segment_ids_BT)
+        return self.project_out(attention(q_BTHP, k_BTKP, v_BTKP, mask=mask, impl=self.impl))
 
     def qkv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The projections, with RoPE at `positions_BT` on q and k, in the compute dtype."""
         dt = self.dtype
         x_BTD = x_BTD.astype(dt)
-        q_BTHD = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
-        k_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
-        v_BTKD = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
-        q_BTHD = constrain(apply_rope(q_BTHD, positions_BT, theta=self.rope_theta), ("batch", "seq", "heads", "head_dim"))
-        k_BTKD = constrain(apply_rope(k_BTKD, positions_BT, theta=self.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
-        return q_BTHD, k_BTKD, v_BTKD
+        q_BTHP = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
+        k_BTKP = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
+        v_BTKP = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
+        q_BTHP = constrain(apply_rope(q_BTHP, positions_BT, theta=self.rope_theta), ("batch", "seq", "heads", "head_dim"))
+        k_BTKP = constrain(apply_rope(k_BTKP, positions_BT, theta=self.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
+        return q_BTHP, k_BTKP, v_BTKP
 
-    def project_out(self, out_BTHD: jax.Array) -> jax.Array:
-        return jnp.einsum("bthk,hkd->btd", out_BTHD, self.o[...].astype(self.dtype))
+    def project_out(self, out_BTHP: jax.Array) -> jax.Array:
+        return jnp.einsum("bthk,hkd->btd", out_BTHP, self.o[...].astype(self.dtype))
 
-    # Decoding with a KV cache (layers/kv_cache.py). `layer` indexes the cache's stacked layer axis.
+    # Decoding (layers/kv_cache.py): the state holds keys/values and the position of each slot.
 
-    def prefill(self, x_BTD, *, positions_BT, mask: Mask, cache: KVCache, layer) -> tuple[jax.Array, KVCache]:
-        """Self-attention over a prompt (the same `attention` call as training, so the same impls),
-        storing its K/V in slots 0..T-1 of an empty cache. Right padding is harmless: under a causal
-        mask no real token sees a pad, and decoding overwrites pad slots before it can see them."""
-        q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT)
-        cache = cache.write(layer, k_BTKD, v_BTKD, start_B=jnp.zeros(x_BTD.shape[0], jnp.int32))
-        return self.project_out(attention(q_BTHD, k_BTKD, v_BTKD, mask=mask, impl=self.impl)), cache
+    @classmethod
+    def init_state(cls, cfg, batch: int, max_len: int, dtype) -> KVState:
+        window = cls.window(cfg)
+        slots = max_len if window is None else min(window, max_len)
+        return KVState.zeros(batch, slots, cfg.kv_heads, cfg.dim_per_head, dtype, ring=window is not None)
 
-    def decode(self, x_BTD, *, positions_BT, mask: Mask, cache: KVCache, layer) -> tuple[jax.Array, KVCache]:
-        """New tokens at `positions_BT` (T consecutive positions per row, usually T=1): their K/V go into
-        the cache at those slots, then their queries attend over the whole cache."""
-        q_BTHD, k_BTKD, v_BTKD = self.qkv(x_BTD, positions_BT)
-        cache = cache.write(layer, k_BTKD, v_BTKD, start_B=positions_BT[:, 0])
-        k_BSKD, v_BSKD = cache.layer(layer)
-        out_BTHD = cache_attention(q_BTHD, k_BSKD, v_BSKD, q_positions_BT=positions_BT, mask=mask)
-        return self.project_out(out_BTHD), cache
+    @classmethod
+    def constrain_state(cls, state_R: KVState) -> KVState:
+        # Rows over the data axes, kv heads over tensor, like the activations that fill it.
+        kv = ("layers", "batch", "seq", "kv_heads", "head_dim")
+        return dataclasses.replace(state_R, k=constrain(state_R.k, kv), v=constrain(state_R.v, kv),
+                                   pos=constrain(state_R.pos, ("layers", "batch", "seq")))
+
+    def prefill(self, x_BTD, ctx: LayerContext, state: KVState, i) -> tuple[jax.Array, KVState]:
+        """Self-attention over right-padded prompts (the same `attention` call as training, so the same
+        impls; under the causal mask no real token sees a pad), storing the real tokens' keys."""
+        q_BTHP, k_BTKP, v_BTKP = self.qkv(x_BTD, ctx.positions_BT)
+        state = state.write_prompt(i, k_BTKP, v_BTKP, ctx.valid_BT, ctx.lengths_B)
+        return self.project_out(attention(q_BTHP, k_BTKP, v_BTKP, mask=Mask(window=self.window_size), impl=self.impl)), state
+
+    def decode(self, x_BTD, ctx: LayerContext, state: KVState, i) -> tuple[jax.Array, KVState]:
+        """New tokens (usually one per row) go into the cache, then attend every slot they may see."""
+        q_BTHP, k_BTKP, v_BTKP = self.qkv(x_BTD, ctx.positions_BT)
+        state = state.write_tokens(i, k_BTKP, v_BTKP, ctx.positions_BT, ctx.valid_BT)
+        out_BTHP = cache_attention(q_BTHP, state.k[i], state.v[i], q_positions_BT=ctx.positions_BT, mask=Mask(window=self.window_size),
+                                   slot_positions_BS=state.pos[i])
+        return self.project_out(out_BTHP), state
+
+
+@register_mixer("swa")
+class SlidingWindowAttention(Attention):
+    """Attention over the last `model.sliding_window` keys (itself included); its cache is a ring
+    buffer of that many slots, so decode memory does not grow with the context."""
+
+    @classmethod
+    def window(cls, cfg) -> int | None:
+        return cfg.sliding_window

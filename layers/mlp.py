@@ -1,4 +1,6 @@
-"""SwiGLU feed-forward (Shazeer 2020), as in Llama: down(silu(x @ gate) * (x @ up)). No biases."""
+"""SwiGLU feed-forward (Shazeer 2020), as in Llama: down(silu(x @ gate) * (x @ up)). No biases.
+
+Registered as the feed-forward "swiglu" (width `model.d_ff`, default 8/3 d_model rounded up to 64)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effax.layers.mixer import Layer, LayerContext, register_ffn
 from effax.layers.sharding import constrain, logical_init
 
 
-class SwiGLU(nnx.Module):
+@register_ffn("swiglu")
+class SwiGLU(Layer):
     def __init__(
         self,
         d_model: int,
@@ -28,7 +32,20 @@ class SwiGLU(nnx.Module):
         out_std = init_std if out_std is None else out_std
         self.down = nnx.Param(logical_init(normal(out_std), ("mlp", "embed"))(rngs.params(), (d_ff, d_model), param_dtype))
 
-    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    @classmethod
+    def from_config(cls, cfg, *, rngs: nnx.Rngs) -> "SwiGLU":
+        return cls(cfg.d_model, cfg.ffn_dim, init_std=cfg.init_std, out_std=cfg.out_init_std, dtype=jnp.dtype(cfg.dtype),
+                   param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+
+    @classmethod
+    def param_count(cls, cfg) -> int:
+        return 3 * cfg.d_model * cfg.ffn_dim  # gate, up, down
+
+    @classmethod
+    def flops_per_token(cls, cfg, seq_len: int) -> float:
+        return 2 * cls.param_count(cfg)
+
+    def __call__(self, x_BTD: jax.Array, ctx: LayerContext | None = None) -> jax.Array:
         x_BTD = x_BTD.astype(self.dtype)
         gate_BTF = jnp.einsum("btd,df->btf", x_BTD, self.gate[...].astype(self.dtype))
         up_BTF = jnp.einsum("btd,df->btf", x_BTD, self.up[...].astype(self.dtype))

@@ -19,7 +19,9 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.eps = eps
-        self.scale = nnx.Param(logical_init(nnx.initializers.ones, ("embed",))(rngs.params(), (dim,), param_dtype))
+        # no_decay: weight decay would pull the gains towards 0, not towards the identity they start at.
+        self.scale = nnx.Param(logical_init(nnx.initializers.ones, ("embed",))(rngs.params(), (dim,), param_dtype),
+                               no_decay=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.scale[...], self.eps)

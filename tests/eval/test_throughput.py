@@ -28,8 +28,9 @@ def test_throughput_suite_on_cpu(tmp_path):
         assert math.isfinite(out[key]) and out[key] > 0, key
     assert out["prefill_mfu"] is None and out["decode_mfu"] is None  # no known peak for a CPU
     assert out["peak_bytes"] is None  # the CPU reports no memory statistics
-    # 2 layers x 8 rows x 26 slots x 2 kv heads x 8 dims x (k, v) x 4 bytes, + lengths
-    assert out["kv_cache_bytes"] == 2 * 8 * 26 * 2 * 8 * 2 * 4 + 8 * 4
+    # 2 layers x 8 rows x 26 slots x 2 kv heads x 8 dims x (k, v) x 4 bytes, + the int32 position each
+    # slot holds (the cache's record of valid slots: 2 layers x 8 rows x 26 slots x 4 bytes), + lengths
+    assert out["kv_cache_bytes"] == 2 * 8 * 26 * 2 * 8 * 2 * 4 + 2 * 8 * 26 * 4 + 8 * 4
 
 
 def test_flops_convention():

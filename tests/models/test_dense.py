@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effax.layers.attention import Mask
+from effax.layers.mixer import LayerContext
 from effax.models import registry
 from effax.models.dense import Dense, DenseConfig
 
@@ -93,16 +93,16 @@ def test_scan_equals_python_loop():
     @jax.jit
     def unrolled(model, tokens):
         positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
-        graphdef, stacked = nnx.split(model.blocks)
+        graphdef, stacked = nnx.split(model.blocks[0].layers[0])  # one scan group of one-layer super-blocks
         x = model.embed_tokens(tokens)
         for i in range(TINY.n_layers):
-            x = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))(x, positions, Mask())
+            x = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))(x, LayerContext(positions_BT=positions))
         return model.logits(x)
 
     np.testing.assert_allclose(_forward(model, tokens), unrolled(model, tokens), atol=1e-5, rtol=1e-5)  # fp32, same ops
-    stacked = nnx.state(model.blocks)
+    stacked = nnx.state(model.blocks[0].layers[0])
     # The layers really differ (each slice is its own layer).
-    assert not np.allclose(stacked["attn"]["q"][...][0], stacked["attn"]["q"][...][1])
+    assert not np.allclose(stacked["mixer"]["q"][...][0], stacked["mixer"]["q"][...][1])
 
 
 def test_logits_do_not_see_the_future():
@@ -167,9 +167,10 @@ def test_init_scales_residual_projections():
     model = Dense(cfg, rngs=nnx.Rngs(0))
     out_std = cfg.init_std / np.sqrt(2 * cfg.n_layers)
     # >= 8k samples each: the sample std is within ~1/sqrt(2n) < 1% of the true one; 5% is a safe bound.
-    np.testing.assert_allclose(np.std(model.blocks.attn.o[...]), out_std, rtol=0.05)
-    np.testing.assert_allclose(np.std(model.blocks.mlp.down[...]), out_std, rtol=0.05)
-    np.testing.assert_allclose(np.std(model.blocks.attn.q[...]), cfg.init_std, rtol=0.05)
+    layer = model.blocks[0].layers[0]  # all layers, stacked
+    np.testing.assert_allclose(np.std(layer.mixer.o[...]), out_std, rtol=0.05)
+    np.testing.assert_allclose(np.std(layer.mlp.down[...]), out_std, rtol=0.05)
+    np.testing.assert_allclose(np.std(layer.mixer.q[...]), cfg.init_std, rtol=0.05)
     np.testing.assert_allclose(np.std(model.embed[...]), cfg.init_std, rtol=0.05)
 
 
@@ -207,9 +208,10 @@ def test_sharded_shape_first_init_and_forward():
         graphdef, abstract_state = nnx.split(abstract)
         specs = nnx.get_partition_spec(abstract_state)
         assert specs["embed"].get_value() == P("tensor", "fsdp")
-        assert specs["blocks"]["attn"]["q"].get_value() == P(None, "fsdp", "tensor", None)  # layers, embed, heads, head_dim
-        assert specs["blocks"]["attn"]["o"].get_value() == P(None, "tensor", None, "fsdp")
-        assert specs["blocks"]["mlp"]["down"].get_value() == P(None, "tensor", "fsdp")
+        layer = specs["blocks"][0]["layers"][0]
+        assert layer["mixer"]["q"].get_value() == P(None, "fsdp", "tensor", None)  # layers, embed, heads, head_dim
+        assert layer["mixer"]["o"].get_value() == P(None, "tensor", None, "fsdp")
+        assert layer["mlp"]["down"].get_value() == P(None, "tensor", "fsdp")
         untied = nnx.eval_shape(lambda: registry.build(dataclasses.replace(cfg, tie_embeddings=False), rngs=nnx.Rngs(0)))
         assert nnx.get_partition_spec(nnx.state(untied))["head"].get_value() == P("fsdp", "tensor")
         shardings = jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), specs)
@@ -219,7 +221,7 @@ def test_sharded_shape_first_init_and_forward():
             return nnx.state(registry.build(cfg, rngs=nnx.Rngs(0)))
 
         state = init()
-        q = state["blocks"]["attn"]["q"].get_value()
+        q = state["blocks"][0]["layers"][0]["mixer"]["q"].get_value()
         assert q.sharding.spec == P(None, "fsdp", "tensor", None)
         assert q.addressable_shards[0].data.shape == (cfg.n_layers, cfg.d_model // 2, cfg.n_heads // 2, cfg.dim_per_head)
 
