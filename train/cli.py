@@ -1,4 +1,4 @@
-"""`effax train CONFIG[:VARIANT] [--workdir DIR] [--set KEY=VALUE ...]`."""
+"""`effax train CONFIG[:VARIANT] [--workdir DIR] [--set KEY=VALUE ...]` and `effax train CONFIG --variants`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ HELP = """\
 Train a model from an experiment file, or resume the run in --workdir.
 
 CONFIG is a Python file defining get_config(variant); add :VARIANT to pick a variant, e.g.
-experiments/quickstart.py:smoke. --set overrides any config key by its dotted path, parsed by the
+experiments/quickstart.py:smoke; `effax train CONFIG --variants` lists the file's variants, one line
+each (its VARIANTS table), and exits. --set overrides any config key by its dotted path, parsed by the
 field's type; unknown keys and bad values fail before anything compiles, naming the valid choices.
 Public keys: model.type model.d_model model.n_layers model.n_heads data.source data.seq_len
 train.batch_size train.steps train.seed optimizer.lr mesh.data mesh.fsdp mesh.tensor mesh.expert
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
                    help="config overrides, e.g. --set train.steps=200 model.d_model=256")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--variants", action="store_true", help="list the experiment's variants, one line each, and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary lines")
     g = p.add_argument_group("multi-host (all three together; automatic inside a many-task Slurm step)")
     g.add_argument("--coordinator", metavar="HOST:PORT", default=None, help="address of process 0's coordinator")
@@ -49,10 +51,43 @@ def default_workdir(spec: str) -> str:
     return os.path.join("runs", name + (f"-{variant}" if variant else ""))
 
 
+def experiment_variants(spec: str) -> dict[str | None, str]:
+    """The experiment file's VARIANTS table: {variant (None: the default): a one-line description}."""
+    from effax.train.config import ConfigError, load_experiment
+
+    module, _ = load_experiment(spec)
+    path = spec.partition(":")[0]
+    table = getattr(module, "VARIANTS", None)
+    if table is None:
+        raise ConfigError(f"{path} has no VARIANTS table (a module-level dict of variant → one-line description); "
+                          "its get_config(variant) says which variants it accepts")
+    one_line = lambda k, v: (k is None or isinstance(k, str)) and isinstance(v, str) and "\n" not in v  # noqa: E731
+    if not (isinstance(table, dict) and table and all(one_line(k, v) for k, v in table.items())):
+        raise ConfigError(f"{path}: VARIANTS must be a non-empty dict of variant name (None: the default) → "
+                          f"one-line description, got {table!r}")
+    return table
+
+
+def variants_listing(spec: str) -> str:
+    """One line per variant: the CONFIG to pass to `effax train`, then its description."""
+    path = spec.partition(":")[0]
+    table = experiment_variants(spec)
+    names = [path + (f":{v}" if v else "") for v in table]
+    width = max(map(len, names))
+    return "\n".join(f"{name:<{width}}  {desc}" for name, desc in zip(names, table.values()))
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from effax.train import config as config_lib
 
+    if args.variants:
+        try:
+            print(variants_listing(args.config))
+        except config_lib.ConfigError as e:
+            print(f"effax train: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         cfg = config_lib.resolve(args.config, args.overrides)
     except config_lib.ConfigError as e:

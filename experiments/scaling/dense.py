@@ -43,6 +43,11 @@ WIDE = {2e12: (32, 48, 64, 96), 1.1e12: (24, 32, 48, 64), 6e11: (24, 32, 48, 64)
 DEEP = {2e12: (24, 32, 48, 64), 1.1e12: (16, 24, 32, 48), 6e11: (16, 24, 32, 48)}
 SHAPES = {"dense-w": (2, WIDE), "dense-d": (4, DEEP)}
 
+VARIANTS = {  # `effax train experiments/scaling/dense.py --variants`
+    None: "d_model 64, 2 layers, 500 steps; its sweep: the CPU mini-sweep, 24 runs (2 shapes × 3 budgets × 4 sizes)",
+    "smoke": "seq_len 64, a small val set; its sweep: 3 tiny runs at one budget (~1 min at concurrency 2)",
+}
+
 
 def size(d_model: int, n_layers: int) -> dict:
     return {"model.d_model": d_model, "model.n_layers": n_layers,
@@ -64,7 +69,8 @@ def get_config(variant: str | None = None) -> Config:
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=64),
                                    checkpoint=CheckpointConfig(every=20, keep_last=1),
                                    eval=EvalConfig(every=0, batches=2, batch_size=8))
-    raise ConfigError(f"unknown variant {variant!r} of experiments/scaling/dense.py; valid: smoke")
+    raise ConfigError(f"unknown variant {variant!r} of experiments/scaling/dense.py; "
+                      f"valid: {', '.join(filter(None, VARIANTS))}")
 
 
 def get_sweep(variant: str | None = None):
