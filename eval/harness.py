@@ -29,8 +29,8 @@ segment: every later token is computed exactly as in training, and the first tok
 from the EOS's logits — an untrained prediction in this recipe, one token per document.
 
 All log-probs are fp32 log-softmax over the model's (padded) vocabulary, as the training loss. Batches
-have fixed shapes: batch_size rows (a multiple of the mesh's data × fsdp), lengths padded to a
-power-of-two bucket (>= 16, capped at max_length), so a run compiles at most ~log2(max_length) times.
+have fixed shapes: batch_size rows (a multiple of the mesh's batch axes, data × fsdp × expert), lengths
+padded to a power-of-two bucket (>= 16, capped at max_length), so a run compiles at most ~log2(max_length) times.
 """
 
 from __future__ import annotations
@@ -87,11 +87,11 @@ class EffaxScorer:
                  progress: bool | None = None):
         self.ctx, self.tok = ctx, ctx.tokenizer
         self.max_length = int(max_length or ctx.cfg.data.seq_len)
-        ways = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
-        self.batch_size = -(-max(1, int(batch_size)) // ways) * ways  # the batch axis splits over data × fsdp
+        ways = mesh_lib.batch_ways(ctx.mesh)
+        self.batch_size = -(-max(1, int(batch_size)) // ways) * ways  # the batch axis splits over data × fsdp × expert
         if self.batch_size != batch_size:
-            log.info("harness: batch_size %s rounded up to %d (a multiple of the mesh's data × fsdp)", batch_size,
-                     self.batch_size)
+            log.info("harness: batch_size %s rounded up to %d (a multiple of the mesh's batch axes, "
+                     "data × fsdp × expert)", batch_size, self.batch_size)
         self.seed = seed
         self.progress = sys.stderr.isatty() if progress is None else progress
         self._graphdef, self._state = nnx.split(ctx.model)

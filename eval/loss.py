@@ -153,9 +153,9 @@ _jit_eval_step = jax.jit(_eval_step, static_argnums=0)
 def score(ctx, windows, batch_size: int, num_batches: int | None) -> dict:
     """Summed cross-entropy, scored tokens and bytes over the batches (float64 sums of per-batch fp32
     sums, as the training loop's validation)."""
-    ways = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+    ways = mesh_lib.batch_ways(ctx.mesh)
     if batch_size % ways or batch_size % jax.process_count():
-        raise ConfigError(f"--batch-size {batch_size} is not divisible by the mesh's data axes (data × fsdp = {ways}) "
+        raise ConfigError(f"--batch-size {batch_size} is not divisible by the mesh's data axes (data × fsdp × expert = {ways}) "
                          f"and the {jax.process_count()} processes; pass a multiple of {ways}")
     graphdef, params, other = nnx.split(ctx.model, nnx.Param, ...)
     sharding = mesh_lib.batch_sharding(ctx.mesh, ctx.rules)

@@ -92,12 +92,12 @@ def run(ctx, opts=None) -> dict:
     n_examples = 1000 if n_examples is None else n_examples
     if n_examples < 1:
         raise ValueError(f"--mqar-examples must be positive, got {n_examples}")
-    ways = ctx.mesh.shape["data"] * ctx.mesh.shape["fsdp"]
+    ways = mesh_lib.batch_ways(ctx.mesh)
     batch = _opt(opts, "mqar_batch_size")
     batch = ways * math.ceil(32 / ways) if batch is None else batch
     pcount, pidx = jax.process_count(), jax.process_index()
     if batch < 1 or batch % ways or batch % pcount:
-        raise ValueError(f"--mqar-batch-size={batch} must be divisible by the mesh's batch axes (data × fsdp = "
+        raise ValueError(f"--mqar-batch-size={batch} must be divisible by the mesh's batch axes (data × fsdp × expert = "
                          f"{ways}) and the process count ({pcount})")
     source = MQARSource(vocab=s["vocab"], seq_len=s["seq_len"], n_pairs=s["n_pairs"], power_a=s["power_a"],
                         split="val", length=n_examples)

@@ -75,17 +75,18 @@ class ScanGroup:
 
 
 def scan_groups(specs: tuple[LayerSpec, ...]) -> tuple[ScanGroup, ...]:
-    """Cuts a layer sequence into runs of a repeated super-block: from each start, the period that
-    covers the most layers (the shortest one on ties). ("a",)*4 -> one group a x 4; (a, a, b, c) x 3 ->
-    one group (a, a, b, c) x 3; (a, b) x 2 + (a,) -> (a, b) x 2, then (a,) x 1."""
+    """Cuts a layer sequence into runs of a repeated super-block: from each start, the period repeated at
+    least twice that covers the most layers (the shortest on ties), else a single layer. ("a",)*4 -> one
+    group a x 4; (a, a, b, c) x 3 -> (a, a, b, c) x 3; (a, b) x 2 + (a,) -> (a, b) x 2, then (a,) x 1."""
     groups, i, n = [], 0, len(specs)
     while i < n:
-        best = (0, 1, 1)  # (layers covered, -period, repeats)
-        for p in range(1, n - i + 1):
+        best = (1, -1, 1)  # (layers covered, -period, repeats)
+        for p in range(1, (n - i) // 2 + 1):
             reps = 1
             while specs[i + reps * p : i + (reps + 1) * p] == specs[i : i + p]:
                 reps += 1
-            best = max(best, (reps * p, -p, reps))
+            if reps >= 2:
+                best = max(best, (reps * p, -p, reps))
         covered, neg_p, reps = best
         groups.append(ScanGroup(i, tuple(specs[i : i - neg_p]), reps))
         i += covered

@@ -3,33 +3,61 @@
 A family file does
 
     @dataclasses.dataclass(frozen=True)
-    class MoEConfig(ModelConfig):
+    class MoEConfig(DecoderConfig):       # models/decoder.py: the shared skeleton and its fields
         n_experts: int = 8
         ...
     @register("moe", MoEConfig)
-    class MoE(nnx.Module): ...
+    class MoE(Decoder): ...               # its own layers are registered by name in layers/
 
 and the training loop builds whatever `model.type` names, with no central `match` to edit.
 
-The module contract (every family):
-  * `Model(cfg, *, rngs: nnx.Rngs)` builds it; every parameter carries logical axis names.
-  * `model(tokens_BT, *, positions_BT, segment_ids_BT) -> (logits_BTV, aux)` where `aux` is a dict
-    of scalar auxiliary losses, already weighted, that the loop adds to the loss (empty for dense).
-  * The config class implements `param_count()` and `flops_per_token(seq_len)`.
-  * Decoding (optional; needed by eval's generate/throughput): `init_cache(batch, max_len, dtype=None)
-    -> cache`, an opaque pytree the model owns (KV cache, recurrent state, ...);
-    `prefill(tokens_BT, lengths_B, cache) -> (logits_BV, cache)` for right-padded prompts (row b's prompt
-    is tokens_BT[b, :lengths_B[b]], lengths >= 1) into a fresh cache, fp32 logits at each row's last
-    prompt token; `decode_step(tokens_B, cache) -> (logits_BV, cache)` appends one token per row and
-    returns the next-token logits. `max_len` bounds prompt + generated tokens.
+The module contract is written down below as `LanguageModel` and `Decoding` (typing.Protocol): every
+family satisfies the first, and the second where it can decode (eval's generate / throughput suites
+use only it). Families built on the decoder skeleton (models/decoder.py) get both from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal
+from typing import Any, Callable, Literal, Protocol
 
 DTypeName = Literal["float32", "bfloat16"]
+
+
+class LanguageModel(Protocol):
+    """What the training loop and the eval suites call. Built as `Model(cfg, *, rngs: nnx.Rngs)`, every
+    parameter carrying logical axis names; the config class implements `param_count()` and
+    `flops_per_token(seq_len)`."""
+
+    cfg: "ModelConfig"
+
+    def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, train: bool = False,
+                 rng=None) -> tuple[Any, dict]:
+        """-> (fp32 logits [B, T, V], aux). aux = {"losses": {name: weighted scalar}, "metrics": {name:
+        array}}, each key present only when a layer reported something (dense: {}). The loop adds the
+        losses to the training loss and logs both; names carry a family prefix ("moe/aux_loss").
+        positions restart at 0 per packed document, with segment ids keeping documents apart; `train`
+        and `rng` (a key) serve layers that behave differently in training (routing noise, dropout)."""
+        ...
+
+
+class Decoding(Protocol):
+    """Cached decoding. The cache is opaque to callers (the model owns its layout: KV slots, ring
+    buffers, recurrent state) and `max_len` bounds prompt + generated tokens."""
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> Any:
+        """An empty cache, in the compute dtype unless `dtype` says otherwise."""
+        ...
+
+    def prefill(self, tokens_BT, lengths_B, cache) -> tuple[Any, Any]:
+        """Right-padded prompts (row b's prompt is tokens_BT[b, :lengths_B[b]], lengths >= 1) into a fresh
+        cache -> (fp32 logits [B, V] at each row's last prompt token, the cache). Padding never becomes
+        state a later token can see."""
+        ...
+
+    def decode_step(self, tokens_B, cache) -> tuple[Any, Any]:
+        """Appends one token per row -> (fp32 next-token logits [B, V], the cache)."""
+        ...
 
 
 class ConfigError(ValueError):
@@ -92,7 +120,7 @@ class ModelConfig:
         if self.dim_per_head % 2:
             raise ConfigError(f"head dimension {self.dim_per_head} must be even for RoPE (model.head_dim)")
 
-    def param_count(self, *, non_embedding: bool = False) -> int:  # pragma: no cover - per family
+    def param_count(self, *, non_embedding: bool = False, active: bool = False) -> int:  # pragma: no cover - per family
         raise NotImplementedError(f"{type(self).__name__} must implement param_count()")
 
     def flops_per_token(self, seq_len: int) -> float:  # pragma: no cover - per family

@@ -166,6 +166,14 @@ def _parse_value(key: str, text: str, kind: Any) -> Any:
         return value
     if kind is str:
         return text
+    if origin is tuple:  # a list on the command line: comma-separated, e.g. model.pattern=attn,attn,swa
+        args = typing.get_args(kind)
+        items = [t.strip() for t in text.split(",")] if text.strip() else []
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse_value(key, t, args[0]) for t in items)
+        if len(items) != len(args):
+            raise ConfigError(f"{key}={text!r} needs {len(args)} comma-separated values")
+        return tuple(_parse_value(key, t, a) for t, a in zip(items, args))
     raise ConfigError(f"{key} has type {kind} which cannot be set from the command line")
 
 
@@ -283,20 +291,31 @@ def to_json(cfg: Config, path: str) -> None:
 
 
 def from_dict(data: dict) -> Config:
-    kwargs = {}
-    for f in dataclasses.fields(Config):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        if f.name == "model":
-            cls = registry.config_class(value.get("type", "dense"))
-            kwargs["model"] = cls(**{k: v for k, v in value.items() if k in {g.name for g in dataclasses.fields(cls)}})
-        elif isinstance(value, dict):
-            cls = type(f.default)
-            kwargs[f.name] = cls(**{k: v for k, v in value.items() if k in {g.name for g in dataclasses.fields(cls)}})
-        else:
-            kwargs[f.name] = value
-    return Config(**kwargs)
+    """The inverse of `to_dict`: nested sections become their dataclasses again (the model's by its
+    `type`), and JSON lists become the tuples the fields are typed with, so the result is equal to the
+    config that was saved and hashable. Keys a class does not have are ignored (older config.json)."""
+    model = data.get("model")
+    if isinstance(model, dict):
+        data = {**data, "model": _build(registry.config_class(model.get("type", "dense")), model)}
+    return _build(Config, data)
+
+
+def _build(cls, data: dict):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: _from_json(hints[k], v) for k, v in data.items() if k in names})
+
+
+def _from_json(kind, value):
+    if dataclasses.is_dataclass(value):
+        return value
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind) and isinstance(value, dict):
+        return _build(kind, value)
+    if typing.get_origin(kind) is tuple and isinstance(value, list):
+        args = typing.get_args(kind)
+        item_kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return tuple(_from_json(k, v) for k, v in zip(item_kinds, value))
+    return value
 
 
 def from_json(path: str) -> Config:

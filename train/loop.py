@@ -51,37 +51,64 @@ def cross_entropy(logits_BTV, targets_BT, mask_BT, z_loss: float):
     return ce, zl
 
 
+# Figures the loop itself logs; a model's reported figures carry a family prefix ("moe/…") and may not
+# take one of these names.
+LOOP_KEYS = frozenset({"loss", "z_loss", "grad_norm", "lr", "params_finite", "tokens_per_s", "mfu", "perplexity", "bpb"})
+
+
+def model_figures(aux: dict) -> tuple[dict, dict]:
+    """(aux losses, diagnostics) of a model call's `aux` (models/decoder.py), checked against LOOP_KEYS."""
+    losses, metrics = aux.get("losses", {}), aux.get("metrics", {})
+    clash = sorted((set(losses) | set(metrics)) & LOOP_KEYS)
+    if clash:
+        raise ValueError(f"model figures {clash} collide with the training loop's own keys {sorted(LOOP_KEYS)}; "
+                         f"name them with a family prefix (e.g. 'moe/{clash[0]}')")
+    return losses, metrics
+
+
+def step_rng(state) -> jax.Array:
+    """The key of this step for layers that draw random numbers (routing noise, dropout): the run's
+    seed folded with the step, so a resumed run draws the same numbers."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+
 def make_train_step(graphdef, tx, lr_schedule, cfg: config_lib.Config):
     n_micro, z_loss = cfg.train.microbatches, cfg.train.z_loss
 
-    def loss_fn(params, other, batch, n_tokens):
+    def loss_fn(params, other, batch, n_tokens, rng):
         model = nnx.merge(graphdef, params, other)
-        logits, aux = model(batch["tokens"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"])
+        logits, aux = model(batch["tokens"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
+                            train=True, rng=rng)
+        losses, metrics = model_figures(aux)
         ce, zl = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
-        aux_total = sum(aux.values()) if aux else 0.0
+        aux_total = sum(losses.values()) if losses else 0.0
         loss = (ce + zl) / n_tokens + aux_total / n_micro
-        stats = {"ce_sum": ce, "z_loss_sum": zl, **{k: v / n_micro for k, v in aux.items()}}
+        # Aux losses and diagnostics are averaged over micro-batches (each micro-batch reports its own).
+        stats = {"ce_sum": ce, "z_loss_sum": zl, **{k: v / n_micro for k, v in {**losses, **metrics}.items()}}
         return loss, (stats, nnx.state(model, nnx.Not(nnx.Param)))
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def train_step(state, batch):
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        rng = step_rng(state)
         if n_micro == 1:
-            grads, (stats, other) = grad_fn(state["params"], state["other"], batch, n_tokens)
+            grads, (stats, other) = grad_fn(state["params"], state["other"], batch, n_tokens, rng)
         else:
             # Micro-batch m takes rows m, m+M, m+2M, …: every device keeps its share of each micro-batch.
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n_micro, n_micro, *x.shape[1:]).swapaxes(0, 1), batch)
 
-            def accumulate(carry, mb):
+            def accumulate(carry, xs):
                 grads, stats, other = carry
-                g, (s, other) = grad_fn(state["params"], other, mb, n_tokens)
+                mb, m = xs
+                g, (s, other) = grad_fn(state["params"], other, mb, n_tokens, jax.random.fold_in(rng, m))
                 return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, stats, s), other), None
 
             zeros = jax.tree.map(jnp.zeros_like, state["params"])
-            stats0 = jax.eval_shape(lambda: grad_fn(state["params"], state["other"], jax.tree.map(lambda x: x[0], micro), n_tokens)[1][0])
+            stats0 = jax.eval_shape(lambda: grad_fn(state["params"], state["other"], jax.tree.map(lambda x: x[0], micro),
+                                                    n_tokens, rng)[1][0])
             stats0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats0)
-            (grads, stats, other), _ = jax.lax.scan(accumulate, (zeros, stats0, state["other"]), micro)
+            (grads, stats, other), _ = jax.lax.scan(accumulate, (zeros, stats0, state["other"]), (micro, jnp.arange(n_micro)))
         updates, opt_state = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # One pass over the new parameters: a finite loss can still come with an overflowing update, and
@@ -295,7 +322,7 @@ def _train(cfg: config_lib.Config, workdir: str, quiet: bool, stop: dict) -> int
         def record(step, metrics):
             """Fetches one step's figures (the device has the next step queued by now)."""
             nonlocal last_time, last_step, last_loss
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            m = {k: (float(v) if v.ndim == 0 else v) for k, v in jax.device_get(metrics).items()}  # vectors: per-expert figures
             if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]) and m.pop("params_finite") == 1.0):
                 raise TrainingDiverged(f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} or the updated "
                                        f"parameters are not finite; "

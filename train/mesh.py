@@ -19,13 +19,16 @@ from effax.models.registry import ConfigError
 from effax.train import config as config_lib
 
 AXES = ("data", "fsdp", "tensor", "expert")
+# The batch splits over every axis but tensor: with experts sharded over `expert`, the devices of that axis
+# are data parallel for everything else (as in MaxText and DeepSpeed-MoE), so none repeats another's work.
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical axis → mesh axes. FSDP (ZeRO-3): the embed dimension of every weight is split over fsdp, so
 # parameters and the AdamW moments (which take the parameters' shardings) are sharded; the batch is
-# split over data × fsdp. Tensor parallel splits heads and MLP width (Megatron column/row pairs).
+# split over data × fsdp × expert. Tensor parallel splits heads and MLP width (Megatron column/row pairs).
 RULES = {
     "default": (
-        ("batch", ("data", "fsdp")),
+        ("batch", BATCH_AXES),
         ("seq", None),
         ("embed", "fsdp"),
         ("heads", "tensor"),
@@ -67,21 +70,29 @@ def rules(mesh_cfg) -> tuple:
     return RULES[mesh_cfg.rules]
 
 
+def batch_ways(mesh) -> int:
+    """How many ways the batch is split: the product of BATCH_AXES. `mesh` is a jax Mesh, or a
+    MeshConfig whose -1 (fill) axis counts as 1 (the least it can be)."""
+    sizes = mesh.shape if isinstance(mesh, jax.sharding.Mesh) else {a: max(getattr(mesh, a), 1) for a in AXES}
+    return math.prod(sizes[a] for a in BATCH_AXES)
+
+
 def check_divisibility(cfg, mesh: jax.sharding.Mesh) -> None:
     """Batch and head counts against the mesh, before anything compiles."""
-    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = batch_ways(mesh)
+    axes = "mesh.data × mesh.fsdp" + (" × mesh.expert" if mesh.shape["expert"] > 1 else "")
     micro = cfg.train.batch_size // cfg.train.microbatches
-    if micro % batch_ways:
+    if micro % ways:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} (÷ train.microbatches={cfg.train.microbatches} = {micro} per "
-            f"micro-batch) is not divisible by the data axes mesh.data × mesh.fsdp = {batch_ways}; "
-            f"use a multiple of {batch_ways * cfg.train.microbatches}")
+            f"micro-batch) is not divisible by the data axes {axes} = {ways}; "
+            f"use a multiple of {ways * cfg.train.microbatches}")
     if micro % jax.process_count():
         raise ConfigError(f"the micro-batch of {micro} sequences does not split over {jax.process_count()} processes")
     eval_batch = config_lib.eval_batch_size(cfg)
-    if eval_batch % batch_ways or eval_batch % jax.process_count():
-        raise ConfigError(f"eval.batch_size={eval_batch} is not divisible by the data axes mesh.data × mesh.fsdp = "
-                          f"{batch_ways} and the {jax.process_count()} processes")
+    if eval_batch % ways or eval_batch % jax.process_count():
+        raise ConfigError(f"eval.batch_size={eval_batch} is not divisible by the data axes {axes} = "
+                          f"{ways} and the {jax.process_count()} processes")
     tp = mesh.shape["tensor"]
     for key, heads in (("model.n_heads", cfg.model.n_heads), ("model.n_kv_heads", cfg.model.kv_heads)):
         if heads % tp:

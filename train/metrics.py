@@ -1,6 +1,8 @@
 """Run logging: `metrics.jsonl` (authoritative), TensorBoard event files (a view), a progress bar.
 
 Each metrics line is one JSON object: {"step": int, "split": "train" | "val", <figure>: float, ...}.
+A vector figure (a model's per-expert load, say) is a list of floats in the line and a histogram in
+TensorBoard; a non-finite value is written as the string "nan" / "inf".
 """
 
 from __future__ import annotations
@@ -8,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import jax
+import numpy as np
 
 # Dense bf16 peak FLOP/s per chip, by a substring of `device.device_kind` (vendor data sheets).
 # MFU is reported only for devices listed here: an invented peak would make the figure meaningless.
@@ -38,9 +42,10 @@ class MetricsLog:
         self.enabled = enabled  # only process 0 writes in multi-host runs
         self._tb = None
         if enabled and tensorboard:
-            from tensorboard.summary import Writer  # the event-file writer without TensorFlow
+            # TensorBoard's own event-file writer (no TensorFlow); its summary protos for scalars and histograms.
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-            self._tb = Writer(os.path.join(workdir, "tb"))
+            self._tb = EventFileWriter(os.path.join(workdir, "tb"))
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines past the restored step (those steps are about to be re-run)."""
@@ -64,17 +69,31 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"step": int(step), "split": split}
-        record.update({k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in figures.items()})
+        record.update({k: _json_value(v) for k, v in figures.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
+            from tensorboard.compat.proto import event_pb2
+            from tensorboard.plugins.histogram.summary_v2 import histogram_pb
+            from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+
             for k, v in figures.items():
-                self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+                v = np.asarray(v, np.float64)
+                summary = scalar_pb(f"{split}/{k}", v) if v.ndim == 0 else histogram_pb(f"{split}/{k}", v)
+                self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
             self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _json_value(v):
+    """A float, or a list of floats for a vector; non-finite values as strings (JSON has no NaN)."""
+    if np.ndim(v) == 0:
+        v = float(v)
+        return v if math.isfinite(v) else str(v)
+    return [_json_value(x) for x in np.asarray(v, np.float64).ravel()]
 
 
 def read(workdir: str, split: str | None = None) -> list[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import optax
+from flax import nnx
 
 
 def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
@@ -22,16 +23,12 @@ def schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     )
 
 
-NO_DECAY = ("scale", "bias")  # parameter names that never decay: norm scales, biases
-
-
 def _decay_mask(params):
-    # By name, not by rank: a scanned stack of norm scales is [layers, d], 2-D yet still a vector per layer.
-    def decays(path, _):
-        names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
-        return not names & set(NO_DECAY)
-
-    return jax.tree_util.tree_map_with_path(decays, params)
+    """True where weight decay applies: every parameter except those created with `no_decay=True`
+    metadata (`nnx.Param(value, no_decay=True)`: norm scales, biases, SSM A_log / dt_bias / D). Decided
+    where the parameter is made, not by its name or rank (a scanned stack of norm scales is 2-D)."""
+    return jax.tree.map(lambda v: not v.get_metadata().get("no_decay", False), params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def build(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:

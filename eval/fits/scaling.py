@@ -2,8 +2,9 @@
 the compute multiplier between architectures. fit.py runs them per architecture; plots.py and report.py
 draw the result; cli.py is `effax fit`.
 
-Conventions. N = non-embedding parameters, D = training tokens, C = training FLOPs from the model's own
-`flops_per_token(seq_len)` (not 6N), L = final validation loss (nats/token). Fits work in natural logs.
+Conventions. N = active non-embedding parameters (docs/scaling.md), D = training tokens, C = training
+FLOPs from the model's own `flops_per_token(seq_len)` (not 6N), L = final validation loss (nats/token).
+Fits work in natural logs.
 
     runs = [r for r in load_runs("runs/sweep") if r.finished]   # one Run per workdir below the root
     law = approach3(*arrays(runs)[:2], arrays(runs)[3])         # L(N, D) = E + A/N^α + B/D^β
@@ -118,7 +119,7 @@ def load_run(workdir: str) -> Run:
         loss_step, loss = evaluated
     steps, seq_len = cfg.train.steps, cfg.data.seq_len
     D = float(meta.get("D", steps * cfg.train.batch_size * seq_len))
-    N = float(meta.get("N", cfg.model.param_count(non_embedding=True)))
+    N = float(meta.get("N", cfg.model.param_count(non_embedding=True, active=True)))
     C = float(meta.get("C", cfg.model.flops_per_token(seq_len) * D))
     finished = bool(meta.get("finished", max(last_step, loss_step) >= steps)) and np.isfinite(loss)
     arch = str(meta.get("arch") or cfg.name or cfg.model.type)

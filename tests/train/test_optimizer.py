@@ -5,6 +5,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from effax.models.dense import Dense, DenseConfig
 
 from effax.train import checkpoint as ckpt_lib
 from effax.train import config as config_lib
@@ -32,11 +35,27 @@ def test_wsd_schedule_shape():
     np.testing.assert_allclose(lr_at(sched, [90, 100]), [1.0, 0.0], atol=1e-6)
 
 
-def test_weight_decay_skips_norm_scales_by_name():
-    params = {"blocks": {"attn_norm": {"scale": jnp.ones((4, 8))}, "attn": {"q": jnp.ones((4, 8, 2, 4))}},
-              "embed": jnp.ones((16, 8))}
-    mask = optimizer_lib._decay_mask(params)
-    assert mask == {"blocks": {"attn_norm": {"scale": False}, "attn": {"q": True}}, "embed": True}
+def test_weight_decay_follows_the_no_decay_tag_not_the_name():
+    class Layer(nnx.Module):
+        def __init__(self):
+            self.scale = nnx.Param(jnp.ones((4,)), no_decay=True)  # a norm gain
+            self.bias = nnx.Param(jnp.ones((4,)))  # named like a bias, but not tagged: decays
+            self.A_log = nnx.Param(jnp.ones((2,)), no_decay=True)  # an SSM parameter with no telling name
+
+    params = nnx.state(Layer(), nnx.Param)
+    assert nnx.to_pure_dict(optimizer_lib._decay_mask(params)) == {"scale": False, "bias": True, "A_log": False}
+    # The decoder's norm scales carry the tag, also when stacked over layers by the scan ([layers, d]).
+    model = Dense(DenseConfig(vocab_size=16, d_model=8, n_layers=2, n_heads=2, d_ff=16), rngs=nnx.Rngs(0))
+    mask = nnx.to_pure_dict(optimizer_lib._decay_mask(nnx.state(model, nnx.Param)))
+    layer = mask["blocks"][0]["layers"][0]
+    assert (layer["mixer_norm"]["scale"], layer["mlp_norm"]["scale"], mask["final_norm"]["scale"]) == (False,) * 3
+    assert (layer["mixer"]["q"], layer["mlp"]["down"], mask["embed"]) == (True,) * 3
+    # And AdamW really leaves them alone: zero gradients, one step, only the decayed ones move.
+    tx, _ = optimizer_lib.build(config_lib.OptimizerConfig(lr=0.1, warmup_steps=0, weight_decay=0.5, clip_norm=0), 10)
+    p = nnx.state(Layer(), nnx.Param)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+    moved = nnx.to_pure_dict(jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates))
+    assert moved == {"scale": False, "bias": True, "A_log": False}
 
 
 def test_cross_entropy_and_z_loss_against_a_hand_computation():

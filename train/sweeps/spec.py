@@ -13,7 +13,7 @@ budget: what the scaling fits in eval/fits/scaling.py read).
 
 Scaling blocks. For each size, FLOPs per token f come from the model's own `flops_per_token(seq_len)`
 (attention and LM head included, not 6N); a budget C gives D = C / f tokens. Learning rate and batch
-are explicit grids or the Step Law prediction (Li et al. 2025, N non-embedding parameters, D tokens)
+are explicit grids or the Step Law prediction (Li et al. 2025, N active non-embedding parameters, D tokens)
 
     η* = 1.79 · N^-0.713 · D^0.307        B* = 0.58 · D^0.571 tokens
 
@@ -33,6 +33,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from effax.train import config as config_lib
+from effax.train import mesh as mesh_lib
 from effax.train.config import Config, ConfigError
 
 # Fields left out of the run id: they change neither the trained weights nor the figures (only names,
@@ -66,7 +67,7 @@ class Scaling:
     seeds: Sequence[int] = (0,)
     arch: str = ""  # the label fits group runs by (default: model.type)
     min_steps: int = 50  # (size, budget) pairs with fewer steps are skipped, with a note
-    batch_multiple: int = 0  # 0: the config's data-parallel size, mesh.data × mesh.fsdp (a -1 axis counts 1)
+    batch_multiple: int = 0  # 0: the config's batch split, mesh.data × mesh.fsdp × mesh.expert (a -1 axis counts 1)
     warmup_fraction: float | None = None  # if set, optimizer.warmup_steps = round(fraction × steps)
     extra: Sequence[str] = ()  # overrides for every run of the block, e.g. ("model.n_kv_heads=0",)
 
@@ -165,7 +166,7 @@ def _planned(resolve: _Resolver, overrides: list[str], where: str, arch: str = "
     cfg = resolve(overrides, where)
     D = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
     return PlannedRun(run_id=run_id(cfg), overrides=tuple(overrides), cfg=cfg, arch=arch or cfg.model.type,
-                      N=cfg.model.param_count(non_embedding=True), D=D,
+                      N=cfg.model.param_count(non_embedding=True, active=True), D=D,
                       C=cfg.model.flops_per_token(cfg.data.seq_len) * D, budget=budget)
 
 
@@ -192,8 +193,8 @@ def _expand_scaling(block: Scaling, resolve: _Resolver, label: str, notes: list[
         cfg = resolve(size_ovr, f"{label}.sizes[{i}]")  # unknown keys fail here, named
         seq = cfg.data.seq_len
         fpt = cfg.model.flops_per_token(seq)
-        n = cfg.model.param_count(non_embedding=True)
-        multiple = block.batch_multiple or max(cfg.mesh.data, 1) * max(cfg.mesh.fsdp, 1)
+        n = cfg.model.param_count(non_embedding=True, active=True)
+        multiple = block.batch_multiple or mesh_lib.batch_ways(cfg.mesh)
         for C in budgets:
             tokens = C / fpt
             if block.batch == "steplaw":
