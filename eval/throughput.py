@@ -5,7 +5,7 @@ steps (one jitted loop, so host dispatch is not in the figure). Each phase runs 
 warm up, then `--repeats` times; the median is reported. Timings end at `block_until_ready`.
 
 FLOPs convention (the same as training MFU, `ModelConfig.flops_per_token(c) / 3` = forward FLOPs of
-one token attending c keys; for dense 2 * matmul params + 4 * L * H * Dh * c, no causal halving):
+one token attending c keys; for dense 2 * matmul params + 4 * L * H * P * c, no causal halving):
   prefill = B * T * fwd(T) - B * (T - 1) * 2 * D * V   (the LM head runs at each row's last token only)
   decode  = B * sum over steps i = 1..N of fwd(T + i)  (the i-th new token attends the T + i keys up to
             itself; the cache's unused slots, which the XLA path also multiplies, are not counted)

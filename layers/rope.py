@@ -2,7 +2,7 @@
 
 Positions are given per token (`positions_BT`), so packed sequences restart at 0 at each document
 and a document's rotations equal those it would get alone. Pairing is "half-split" (dimension i
-rotates with i + D/2, as in HF Llama / GPT-NeoX), not interleaved (Meta's original Llama); the two
+rotates with i + P/2, as in HF Llama / GPT-NeoX), not interleaved (Meta's original Llama); the two
 are the same up to a fixed permutation of the q/k projection columns.
 """
 
@@ -13,18 +13,19 @@ import jax.numpy as jnp
 
 
 def rope_angles(positions_BT: jax.Array, head_dim: int, theta: float) -> jax.Array:
-    """angle[b, t, i] = position * theta^(-2i/D) for i < D/2, in fp32 (exact positions up to 2^24)."""
+    """angle[b, t, i] = position * theta^(-2i/P) for i < P/2 (P = head_dim), in fp32 (exact positions
+    up to 2^24)."""
     inv_freq_F = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     return positions_BT.astype(jnp.float32)[..., None] * inv_freq_F
 
 
-def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, *, theta: float = 10000.0) -> jax.Array:
-    """Rotates each (x_i, x_{i+D/2}) pair by angle(position, i); computed in fp32, returned in x's dtype."""
-    D = x_BTHD.shape[-1]
-    if D % 2:
-        raise ValueError(f"RoPE needs an even head dimension, got {D}")
-    angles_BT1F = rope_angles(positions_BT, D, theta)[:, :, None, :]
+def apply_rope(x_BTHP: jax.Array, positions_BT: jax.Array, *, theta: float = 10000.0) -> jax.Array:
+    """Rotates each (x_i, x_{i+P/2}) pair by angle(position, i); computed in fp32, returned in x's dtype."""
+    P = x_BTHP.shape[-1]
+    if P % 2:
+        raise ValueError(f"RoPE needs an even head dimension, got {P}")
+    angles_BT1F = rope_angles(positions_BT, P, theta)[:, :, None, :]
     sin, cos = jnp.sin(angles_BT1F), jnp.cos(angles_BT1F)
-    x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x_BTHP.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTHD.dtype)
+    return out.astype(x_BTHP.dtype)

@@ -21,7 +21,10 @@ per-layer rng, the absolute layer index) and gathers what the layer reported (au
 diagnostics) and its updated non-trainable `Buffer`s out of the scan. The model returns
 
     logits_BTV, aux = model(tokens_BT, positions_BT=..., segment_ids_BT=..., train=..., rng=...)
-    aux = {"losses": {name: scalar}, "metrics": {name: array}}    (either key absent when empty)
+    aux = {"losses": {name: scalar}, "metrics": {name: array}, "state": nnx.State}   (keys absent when empty)
+
+where "state" holds the layers' `Buffer`s as this call left them (`nnx.update(model, aux["state"])`
+keeps them; the train step carries them to the next step).
 
 Decoding: `init_cache` stacks each layer's own decode state (layers/kv_cache.py for attention), and
 `prefill` / `decode_step` thread it through the same scan groups (models/registry.py: the contract).
@@ -283,7 +286,8 @@ class Decoder(nnx.Module):
         stacked over the group's repeats and combined here, after the scans."""
         reported = {}  # name -> [(layer index, value)]
         reports = {}  # name -> Report (static: what and how to combine)
-        for group, stacked in zip(self.scan_groups, self.blocks):
+        new_buffers = {}  # scan group index -> its layers' Buffers after this call
+        for g, (group, stacked) in enumerate(zip(self.scan_groups, self.blocks)):
             graphdef, state = nnx.split(stacked)
 
             def body(x_BTD, xs, graphdef=graphdef, group=group):
@@ -300,12 +304,17 @@ class Decoder(nnx.Module):
             x_BTD, (values, buffers) = jax.lax.scan(remat_layer(body, self.cfg.remat), x_BTD,
                                                     (state, jnp.arange(group.repeats)))
             if jax.tree.leaves(buffers):
-                nnx.update(stacked, buffers)  # the layers' non-trainable state, as updated in this call
+                new_buffers[g] = buffers
             for j, per_layer in enumerate(values):
                 for name, value_R in per_layer.items():
                     for r in range(group.repeats):
                         reported.setdefault(name, []).append((group.start + r * len(group.block) + j, value_R[r]))
-        return x_BTD, _combine(reports, reported)
+        aux = _combine(reports, reported)
+        if new_buffers:
+            # Returned, not written into self: under jax.grad a lax.scan leaves the trace the model was
+            # merged in, and flax then refuses in-place updates (jax 0.10.2, flax 0.12.8).
+            aux["state"] = nnx.State({"blocks": new_buffers})
+        return x_BTD, aux
 
     # Decoding with a cache. `cache` is opaque to callers: build it with init_cache, thread it through.
 

@@ -85,7 +85,10 @@ def make_train_step(graphdef, tx, lr_schedule, cfg: config_lib.Config):
         loss = (ce + zl) / n_tokens + aux_total / n_micro
         # Aux losses and diagnostics are averaged over micro-batches (each micro-batch reports its own).
         stats = {"ce_sum": ce, "z_loss_sum": zl, **{k: v / n_micro for k, v in {**losses, **metrics}.items()}}
-        return loss, (stats, nnx.state(model, nnx.Not(nnx.Param)))
+        other = nnx.state(model, nnx.Not(nnx.Param))
+        if "state" in aux:  # the layers' Buffers as this step left them (models/decoder.py)
+            other = nnx.merge_state(other, aux["state"])
+        return loss, (stats, other)
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 

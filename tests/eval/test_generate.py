@@ -51,15 +51,15 @@ def test_cache_attention_honours_causal_window_and_hides_stale_slots():
     ks = jax.random.split(jax.random.key(0), 4)
     q, k, v = (jax.random.normal(kk, (B, T, n, D)) for kk, n in zip(ks[:3], (H, K, K)))
     garbage = 100 * jax.random.normal(ks[3], (B, S - T, K, D))  # slots past the length: must stay invisible
-    k_BSKD, v_BSKD = jnp.concatenate([k, garbage], 1), jnp.concatenate([v, garbage], 1)
+    k_BSKP, v_BSKP = jnp.concatenate([k, garbage], 1), jnp.concatenate([v, garbage], 1)
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     for window in (None, 3):
         mask = Mask(causal=True, window=window)
-        got = jax.jit(functools.partial(cache_attention, mask=mask))(q, k_BSKD, v_BSKD, q_positions_BT=positions)
+        got = jax.jit(functools.partial(cache_attention, mask=mask))(q, k_BSKP, v_BSKP, q_positions_BT=positions)
         want = jax.jit(functools.partial(reference_attention, mask=mask))(q, k, v)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)  # fp32, same math, different layout
     with pytest.raises(NotImplementedError):
-        cache_attention(q, k_BSKD, v_BSKD, q_positions_BT=positions, mask=Mask(causal=False))
+        cache_attention(q, k_BSKP, v_BSKP, q_positions_BT=positions, mask=Mask(causal=False))
 
 
 def test_prefill_and_decode_logits_equal_full_forward():

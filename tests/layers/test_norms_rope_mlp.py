@@ -27,11 +27,11 @@ def test_rms_norm_computes_in_fp32():
     np.testing.assert_allclose(np.asarray(y, np.float32), 1.0, rtol=1e-3)  # float16 has 11 significant bits
 
 
-def _rope_numpy(x_BTHD, pos_BT, theta):
-    """Half-split RoPE as complex multiplication: (x_i + i x_{i+D/2}) * exp(i pos theta^(-2i/D))."""
-    D = x_BTHD.shape[-1]
-    z = x_BTHD[..., : D // 2] + 1j * x_BTHD[..., D // 2 :]
-    freq = theta ** (-np.arange(0, D, 2) / D)
+def _rope_numpy(x_BTHP, pos_BT, theta):
+    """Half-split RoPE as complex multiplication: (x_i + i x_{i+P/2}) * exp(i pos theta^(-2i/P))."""
+    P = x_BTHP.shape[-1]
+    z = x_BTHP[..., : P // 2] + 1j * x_BTHP[..., P // 2 :]
+    freq = theta ** (-np.arange(0, P, 2) / P)
     z = z * np.exp(1j * pos_BT[:, :, None, None] * freq)
     return np.concatenate([z.real, z.imag], axis=-1)
 

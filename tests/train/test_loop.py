@@ -32,9 +32,9 @@ def train_losses(workdir) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-def run_cli(workdir, overrides, devices=8, wait=True):
+def run_cli(workdir, overrides, devices=8, wait=True, config=SMOKE):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "effax.cli", "train", SMOKE, "--workdir", str(workdir), "--quiet", "--set", *overrides]
+    cmd = [sys.executable, "-m", "effax.cli", "train", config, "--workdir", str(workdir), "--quiet", "--set", *overrides]
     if wait:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -42,6 +42,7 @@ def run_cli(workdir, overrides, devices=8, wait=True):
 
 @pytest.mark.parametrize("mesh", [
     {"data": 8}, {"data": 1, "fsdp": 8}, {"data": 2, "fsdp": 4}, {"data": 1, "fsdp": 4, "tensor": 2},
+    {"data": 1, "fsdp": 4, "expert": 2},  # expert-parallel devices split the batch too
 ])
 def test_meshes_give_the_same_loss_curve(tmp_path_factory, mesh, one_device_reference):
     overrides = QUIET + [f"mesh.{k}={v}" for k, v in mesh.items()]
@@ -70,16 +71,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     out = run_cli(full, overrides)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    proc = run_cli(killed, overrides, wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        rows = metrics_lib.read(str(killed), "train") if (killed / "metrics.jsonl").exists() else []
-        if rows and rows[-1]["step"] >= 14:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after(run_cli(killed, overrides, wait=False), killed, 14)
     killed_at = metrics_lib.read(str(killed), "train")[-1]["step"]
     assert 14 <= killed_at < 24
 
@@ -87,6 +79,45 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert train_losses(killed) == train_losses(full)  # bit for bit, every step
     assert len(train_losses(full)) == 24
+
+
+def _kill_after(proc, workdir, step):
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        rows = metrics_lib.read(str(workdir), "train") if (workdir / "metrics.jsonl").exists() else []
+        if rows and rows[-1]["step"] >= step:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+TOY = "tests/models/toy_experiment.py"
+
+
+def test_non_trainable_state_survives_kill_and_resume_bit_for_bit(tmp_path):
+    """A layer's Buffers (a step count and a running sum of its input) change every step, are carried by
+    the train step, checkpointed and restored; they get no gradient and no weight decay."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    out = run_cli(full, QUIET, config=TOY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _kill_after(run_cli(killed, QUIET, wait=False, config=TOY), killed, 10)
+    assert 10 <= metrics_lib.read(str(killed), "train")[-1]["step"] < 24
+    out = run_cli(killed, QUIET, config=TOY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert train_losses(killed) == train_losses(full)
+
+    config_lib.load_experiment(TOY)  # registers the toy mixers here too, for the restore
+    from effax.eval.restore import restore
+
+    buffers = {}
+    for name, workdir in (("full", full), ("killed", killed)):
+        counter = restore(str(workdir)).model.blocks[0].layers[0].mixer  # layer 0 of the (counter, attn) block
+        buffers[name] = (float(counter.steps[...][0]), float(counter.input_sum[...][0]))
+    assert buffers["killed"] == buffers["full"]  # bit for bit
+    assert buffers["full"][0] == 24.0  # one per training step: no decay, no update from the optimizer
+    assert buffers["full"][1] != 0.0
 
 
 def test_sigterm_saves_and_resumes(tmp_path):
@@ -128,6 +159,22 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     # Same tokens, same normalisation (sum over all micro-batches / all tokens); only the summation order
     # of the gradients differs: fp32 rounding, ~1e-6.
     np.testing.assert_allclose(train_losses(tmp_path / "four"), train_losses(tmp_path / "one"), rtol=1e-5)
+
+
+def test_expert_axis_splits_the_batch():
+    """mesh.expert=2 × fsdp=4: every device holds 1/8 of the batch, none repeats another's rows."""
+    import jax
+
+    from effax.train import mesh as mesh_lib
+
+    cfg = config_lib.resolve(SMOKE, ["mesh.data=1", "mesh.fsdp=4", "mesh.expert=2"])
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    assert mesh_lib.batch_ways(mesh) == 8 == mesh_lib.batch_ways(cfg.mesh)
+    batch = jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, mesh_lib.rules(cfg.mesh)),
+                                                   np.arange(16 * 4).reshape(16, 4))
+    shards = [s.data for s in batch.addressable_shards]
+    assert len(shards) == 8 and all(s.shape == (2, 4) for s in shards)
+    assert sorted(int(s[0, 0]) for s in shards) == list(range(0, 64, 8))  # eight different row pairs
 
 
 def test_workdir_outputs(tmp_path):
