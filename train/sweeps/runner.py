@@ -106,7 +106,14 @@ class Launch:
             if on_update:
                 on_update(run_id, status, attempt)
 
-        results = backend.launch(self.todo, on_update=record)
+        try:
+            results = backend.launch(self.todo, on_update=record)
+        except KeyboardInterrupt:
+            # A Ctrl-C can land inside `record`, between a status and its refresh: read every run's figures
+            # back from its files, so the index never shows a finished run without its last step.
+            for r in self.todo:
+                self.store.refresh(r.run_id)
+            raise
         for res in results:
             self.store.update(res.run_id, returncode=res.returncode, status=res.status)
             self.store.refresh(res.run_id)
