@@ -292,8 +292,10 @@ def _train(cfg: config_lib.Config, workdir: str, quiet: bool, stop: dict) -> int
         else:
             start, state, data_state, _ = restored
             train_iter.set_state(data_state)
-            log.truncate_after(start)
             say(f"resumed from step {start} of {workdir}")
+        # Lines past the starting step belong to steps about to be re-run (a run killed before its first
+        # checkpoint restarts from 0 and must not leave its old lines behind).
+        log.truncate_after(start)
         n_params = cfg.model.param_count()
         flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
         say(f"{cfg.name}: {cfg.model.type} model, {n_params / 1e6:.2f}M parameters, mesh "

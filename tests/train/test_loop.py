@@ -81,11 +81,13 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
     assert len(train_losses(full)) == 24
 
 
-def _kill_after(proc, workdir, step):
+def _kill_after(proc, workdir, step, checkpoint=False):
+    """SIGKILL once the run has logged `step` (and, with `checkpoint`, finished saving one checkpoint)."""
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         rows = metrics_lib.read(str(workdir), "train") if (workdir / "metrics.jsonl").exists() else []
-        if rows and rows[-1]["step"] >= step:
+        saved = not checkpoint or (workdir / "checkpoints").is_dir() and any(p.isdigit() for p in os.listdir(workdir / "checkpoints"))
+        if rows and rows[-1]["step"] >= step and saved:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read()[-2000:]
@@ -98,13 +100,15 @@ TOY = "tests/models/toy_experiment.py"
 
 def test_non_trainable_state_survives_kill_and_resume_bit_for_bit(tmp_path):
     """A layer's Buffers (a step count and a running sum of its input) change every step, are carried by
-    the train step, checkpointed and restored; they get no gradient and no weight decay."""
+    the train step, checkpointed and restored; they get no gradient and no weight decay. One device:
+    the 8-device resume is the test above; this one is about what the state holds."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    out = run_cli(full, QUIET, config=TOY)
+    overrides = QUIET + ["train.steps=16"]
+    out = run_cli(full, overrides, devices=1, config=TOY)
     assert out.returncode == 0, out.stderr[-3000:]
-    _kill_after(run_cli(killed, QUIET, wait=False, config=TOY), killed, 10)
-    assert 10 <= metrics_lib.read(str(killed), "train")[-1]["step"] < 24
-    out = run_cli(killed, QUIET, config=TOY)
+    _kill_after(run_cli(killed, overrides, devices=1, wait=False, config=TOY), killed, 6, checkpoint=True)
+    assert 6 <= metrics_lib.read(str(killed), "train")[-1]["step"] < 16
+    out = run_cli(killed, overrides, devices=1, config=TOY)
     assert out.returncode == 0, out.stderr[-3000:]
     assert train_losses(killed) == train_losses(full)
 
@@ -116,7 +120,7 @@ def test_non_trainable_state_survives_kill_and_resume_bit_for_bit(tmp_path):
         counter = restore(str(workdir)).model.blocks[0].layers[0].mixer  # layer 0 of the (counter, attn) block
         buffers[name] = (float(counter.steps[...][0]), float(counter.input_sum[...][0]))
     assert buffers["killed"] == buffers["full"]  # bit for bit
-    assert buffers["full"][0] == 24.0  # one per training step: no decay, no update from the optimizer
+    assert buffers["full"][0] == 16.0  # one per training step: no decay, no update from the optimizer
     assert buffers["full"][1] != 0.0
 
 
@@ -195,6 +199,16 @@ def test_workdir_outputs(tmp_path):
     # Resuming a finished run with a different model is refused, naming the difference.
     with pytest.raises(config_lib.ConfigError, match="model.d_model"):
         loop.train(config_lib.resolve(SMOKE, ["train.steps=10", "model.d_model=32"]), str(tmp_path), quiet=True)
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_clean_metrics(tmp_path):
+    # Lines of a run that died before saving anything are re-run from step 0: they must not stay behind.
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "split": "train", "loss": 9.0}) + "\n"
+                                                    for s in (1, 2, 3, 4)))
+    cfg = config_lib.resolve(SMOKE, QUIET + ["train.steps=2", "eval.every=0", "checkpoint.every=0"])
+    assert loop.train(cfg, str(tmp_path), quiet=True) == 0
+    assert [r["step"] for r in metrics_lib.read(str(tmp_path), "train")] == [1, 2]
+    assert all(r["loss"] != 9.0 for r in metrics_lib.read(str(tmp_path)))
 
 
 def test_signal_during_eval_still_saves(tmp_path, monkeypatch):
