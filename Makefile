@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # (The tests give themselves 8 fake CPU devices in tests/conftest.py; the demo runs on the real ones.)
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow install slurm clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,10 +20,15 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/effax train experiments/quickstart.py --workdir runs/quickstart
 
-test: install
+# The Slurm backend's tests start a real local Slurm: its Debian packages are installed when missing and
+# this user may (root or passwordless sudo); otherwise those tests skip with one line saying how to enable them.
+slurm:
+	@bash .ci/install-slurm
+
+test: install slurm
 	$(PY) -m pytest -n 2 -q
 
-test-slow: install
+test-slow: install slurm
 	$(PY) -m pytest -n 2 -q -m slow
 
 clean:

@@ -106,11 +106,15 @@ def main(argv: list[str]) -> int:
         print(f"effax train: {e}", file=sys.stderr)
         return 2
     from effax.train import loop
+    from effax.train.tokenizer import DataError
 
     try:
         return loop.train(cfg, args.workdir or default_workdir(args.config), quiet=args.quiet)
     except config_lib.ConfigError as e:
         print(f"effax train: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:  # a bad corpus file: one line naming the file and the problem, no traceback
+        print(f"effax train: data error: {e}", file=sys.stderr)
         return 2
     except loop.TrainingDiverged as e:
         print(f"effax train: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import types
 import typing
@@ -159,6 +160,8 @@ def _parse_value(key: str, text: str, kind: Any) -> Any:
             value = float(text) if kind is float else (int(text) if text.lstrip("-").isdigit() else float(text))
         except ValueError:
             raise ConfigError(f"{key}={text!r} is not a valid {kind.__name__}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={text!r} is not a finite number")
         if kind is int:
             if value != int(value):
                 raise ConfigError(f"{key}={text!r} is not a whole number")
@@ -225,6 +228,11 @@ def _set(cfg: Config, key: str, text: str) -> Config:
 
 
 def validate(cfg: Config) -> None:
+    for section in [f.name for f in dataclasses.fields(Config) if f.name != "name"]:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):  # NaN passes every `<= 0` check
+                raise ConfigError(f"{section}.{f.name}={value} is not a finite number")
     cfg.model.validate()
     t, o, d = cfg.train, cfg.optimizer, cfg.data
     for key, value in [("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.microbatches", t.microbatches),

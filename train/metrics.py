@@ -12,7 +12,6 @@ import math
 import os
 import time
 
-import jax
 import numpy as np
 
 # Dense bf16 peak FLOP/s per chip, by a substring of `device.device_kind` (vendor data sheets).
@@ -30,6 +29,8 @@ PEAK_FLOPS = {
 
 
 def peak_flops(device=None) -> float | None:
+    import jax  # here, not at the top: sweeps and fits read metrics.jsonl without importing jax
+
     kind = (device or jax.devices()[0]).device_kind
     return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
 
@@ -97,10 +98,20 @@ def _json_value(v):
 
 
 def read(workdir: str, split: str | None = None) -> list[dict]:
-    """The metric lines of a run (optionally one split), in file order."""
+    """The metric lines of a run (optionally one split), in file order: the one reader of metrics.jsonl
+    (training, eval, sweeps and fits all use it). A last line cut short by a kill is skipped; an unreadable
+    line anywhere else raises ValueError naming the file and line (that is corruption, not a kill)."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        rows = [json.loads(ln) for ln in f if ln.strip()]
-    return [r for r in rows if split is None or r["split"] == split]
+        lines = [(i + 1, ln) for i, ln in enumerate(f) if ln.strip()]
+    rows = []
+    for k, (number, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if k == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON object ({line[:60]!r})") from None
+    return [r for r in rows if split is None or r.get("split") == split]

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(default: the one with the most finished runs)")
     p.add_argument("--target-loss", type=float, help="loss at which to compare compute (default: baseline's best)")
     p.add_argument("--budgets", metavar="C,C,...", help="FLOP budgets for N_opt / D_opt (default: the sweep's)")
-    p.add_argument("--budget-tol", type=float, default=0.10, help="runs within ±this share of C form one budget")
+    p.add_argument("--budget-tol", type=float, default=scaling.BUDGET_TOL,
+                   help="without budget labels in sweep.json, runs within ±this share of a group's centre C form one "
+                        "budget (a group spans up to ×(1+tol)²); default %(default)s")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     return p
 
@@ -61,6 +63,8 @@ def main(argv: list[str]) -> int:
         print(f"effax fit: {err}", file=sys.stderr)
         return 2
     for line in fit.errors(result):
+        print(f"effax fit: not fitted: {line}", file=sys.stderr)
+    for line in fit.warnings(result):
         print(f"effax fit: warning: {line}", file=sys.stderr)
     if not fit.fitted_any(result):
         print("effax fit: no fit was possible; see the reasons above", file=sys.stderr)

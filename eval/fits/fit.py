@@ -36,6 +36,9 @@ def fit_arch(runs: list[scaling.Run], *, n_boot: int, rng: np.random.Generator, 
             a2["ci"]["N_star"] = [scaling.percentile_ci(bs["k_N"] * c ** bs["a"]) for c in budgets]
             a2["ci"]["D_star"] = [scaling.percentile_ci(bs["k_D"] * c ** bs["b"]) for c in budgets]
             a2["bootstrap_failed"] = bs["failed"]
+            a2["bootstrap_partial"] = bs["partial"]  # replicates fitted on fewer budgets than the main fit
+            if bs["failed"]:
+                a2["warnings"].append(_failed_replicates(bs["failed"], n_boot, bs["why"]))
         a2["N_star_at"] = (a2["k_N"] * budgets ** a2["a"]).tolist()
         a2["D_star_at"] = (a2["k_D"] * budgets ** a2["b"]).tolist()
         out["approach2"] = a2
@@ -47,6 +50,7 @@ def fit_arch(runs: list[scaling.Run], *, n_boot: int, rng: np.random.Generator, 
         a3 = {**law.as_dict(), "a": law.beta / (law.alpha + law.beta), "N_opt": n_opt.tolist(), "D_opt": d_opt.tolist(),
               "tokens_per_param": (d_opt / n_opt).tolist(),
               "residuals_log": (np.log(law(N, D)) - np.log(L)).tolist(), "at_bound": scaling.at_bound(law)}
+        a3["warnings"] = scaling.identification_warnings(N, D, law)
         if n_boot:
             bs = scaling.bootstrap_approach3(N, D, L, law, n_boot, rng)
             a3["ci"] = _ci(bs, ("E", "A", "B", "alpha", "beta"))
@@ -56,6 +60,7 @@ def fit_arch(runs: list[scaling.Run], *, n_boot: int, rng: np.random.Generator, 
             a3["ci"]["D_opt"] = [scaling.percentile_ci(opt[:, 1, j]) for j in range(len(budgets))]
             a3["ci"]["tokens_per_param"] = [scaling.percentile_ci(opt[:, 1, j] / opt[:, 0, j]) for j in range(len(budgets))]
             a3["ci"]["a"] = scaling.percentile_ci(bs["beta"] / (bs["alpha"] + bs["beta"]))
+            a3["warnings"] = scaling.identification_warnings(N, D, law, a3["ci"])
         out["approach3"] = a3
     except scaling.ScalingError as err:
         out["approach3"] = {"error": str(err)}
@@ -67,12 +72,23 @@ def fit_arch(runs: list[scaling.Run], *, n_boot: int, rng: np.random.Generator, 
         Cf, Lf, how = scaling.frontier_points(runs, tol)
         front = scaling.fit_frontier(Cf, Lf)
         out["frontier"] = {**dataclasses.asdict(front), "points": how, "C": Cf.tolist(), "L": Lf.tolist()}
+        out["frontier"]["warnings"] = []
         if n_boot and how == "isoflop_minima":
-            out["_frontier_boot"] = scaling.bootstrap_frontier(runs, front, n_boot, rng, tol)
+            out["_frontier_boot"], failed = scaling.bootstrap_frontier(runs, front, n_boot, rng, tol)
+            out["frontier"]["bootstrap_failed"] = failed
+            if failed:
+                out["frontier"]["warnings"].append(_failed_replicates(
+                    failed, n_boot, "fewer than 3 budgets with an IsoFLOP minimum inside the sampled sizes"))
         out["_frontier"] = front
     except scaling.ScalingError as err:
         out["frontier"] = {"error": str(err)}
     return out
+
+
+def _failed_replicates(failed: int, n: int, why: str) -> str:
+    if failed == n:
+        return f"all {n} bootstrap replicates failed ({why}): no interval"
+    return f"{failed} of {n} bootstrap replicates failed ({why}); the interval uses the other {n - failed}"
 
 
 def fit_all(runs: list[scaling.Run], *, bootstrap: int = 1000, baseline: str | None = None, budgets=None,
@@ -80,6 +96,7 @@ def fit_all(runs: list[scaling.Run], *, bootstrap: int = 1000, baseline: str | N
     """Fits every architecture among the finished runs, and the compute multiplier of each against `baseline`
     (default: the architecture with the most finished runs) at `target_loss` (default: the baseline's best)."""
     done = [r for r in runs if r.finished]
+    scaling.check_runs(done)  # bad figures stop here, naming the run, before any fitting
     if not done:
         raise scaling.ScalingError(f"no finished runs with a validation loss among {len(runs)} run(s); a run is finished "
                            "when metrics.jsonl reaches train.steps (or sweep.json says so)")
@@ -131,6 +148,12 @@ def errors(result: dict) -> list[str]:
     """One line per fit the data could not support: "ARCH: approachK: why"."""
     return [f"{arch}: {name}: {fit[name]['error']}" for arch, fit in result["archs"].items()
             for name in ("approach2", "approach3") if "error" in fit[name]]
+
+
+def warnings(result: dict) -> list[str]:
+    """One line per reason a fit that was made may not be trustworthy: "ARCH: part: why"."""
+    return [f"{arch}: {name}: {w}" for arch, fit in result["archs"].items()
+            for name in ("approach2", "approach3", "frontier") for w in fit[name].get("warnings", [])]
 
 
 def fitted_any(result: dict) -> bool:

@@ -19,7 +19,8 @@ def report(result: dict, plots: list[str]) -> str:
     lines = ["# Scaling-law fit", "",
              f"{inp['finished']} finished runs of {inp['runs']} ({len(inp['unfinished'])} unfinished, not used); "
              f"{inp['bootstrap']} bootstrap resamples, 95% percentile intervals in brackets. "
-             "N: non-embedding parameters; C: training FLOPs from each model's own FLOPs per token.", ""]
+             "N: active non-embedding parameters; C: training FLOPs from each model's own FLOPs per token. "
+             "Warnings say where a number is not to be trusted (docs/scaling.md, \"When a fit is not trustworthy\").", ""]
     for arch, fit in result["archs"].items():
         lines += [f"## {arch}", "", f"{fit['n_runs']} runs; κ = C/(N·D) = {fit['kappa']:.3g} "
                   "(used for the approach-3 allocation, C = κ N D).", "", "| quantity | value [95% CI] |", "|---|---|"]
@@ -30,19 +31,14 @@ def report(result: dict, plots: list[str]) -> str:
             ci = a3.get("ci", {})
             for k in ("E", "A", "B", "alpha", "beta", "a"):
                 lines.append(f"| approach 3: {k} | {_fmt(a3[k], ci.get(k))} |")
-            if a3.get("at_bound"):  # the data did not pin the exponent down: the allocation follows the bound
-                lines.append(f"| approach 3: warning | {' and '.join(a3['at_bound'])} ended on its bound "
-                             f"{list(scaling.EXPONENT_BOUNDS)}: the runs do not determine it |")
+            lines += [f"| approach 3: warning | {w} |" for w in a3.get("warnings", [])]
         if "error" in a2:
             lines.append(f"| approach 2 | not fitted: {a2['error']} |")
         else:
             ci = a2.get("ci", {})
             lines += [f"| approach 2: N* ∝ C^a, a | {_fmt(a2['a'], ci.get('a'))} |",
                       f"| approach 2: D* ∝ C^b, b | {_fmt(a2['b'], ci.get('b'))} |"]
-            outside = [c for c, inside in zip(a2["budgets"], a2["vertex_inside_sampled_sizes"]) if not inside]
-            if outside:  # an extrapolated vertex: the sweep did not bracket the optimum there
-                lines.append(f"| approach 2: warning | IsoFLOP minimum outside the sizes trained at C = "
-                             f"{', '.join(f'{c:.3g}' for c in outside)}: add sizes on that side |")
+            lines += [f"| approach 2: warning | {w} |" for w in a2.get("warnings", [])]
         lines += ["", "| budget C | N* (approach 2) | D* (approach 2) | N_opt (approach 3) | D_opt (approach 3) | D/N (approach 3) |",
                   "|---|---|---|---|---|---|"]
         for j, c in enumerate(fit["budgets"]):
@@ -64,7 +60,8 @@ def report(result: dict, plots: list[str]) -> str:
                             if "rel_error_N_star" in h.get("approach2", {}) else "") + ".")
         f = fit["frontier"]
         lines += ["", "Loss frontier: " + (f"not fitted: {f['error']}" if "error" in f else
-                                           f"L(C) = {f['E']:.4g} + {f['k']:.4g}·C^−{f['gamma']:.4g} (on {f['points']})"), ""]
+                                           f"L(C) = {f['E']:.4g} + {f['k']:.4g}·C^−{f['gamma']:.4g} (on {f['points']})")]
+        lines += [f"Loss frontier warning: {w}" for w in f.get("warnings", [])] + [""]
     if result["multiplier"]:
         lines += ["## Compute multiplier", "", f"C_{result['baseline']} / C_arch needed for equal loss (> 1: the "
                   "architecture needs less compute than the baseline).", "", "| architecture | target loss | multiplier [95% CI] |",

@@ -36,7 +36,13 @@ from scipy import optimize
 from scipy.special import logsumexp
 
 HUBER_DELTA = 1e-3
-BUDGET_TOL = 0.10  # runs whose C lie within ±10% of a budget's first run share that budget
+# Without budget labels, runs are grouped by C: a group spans at most a factor (1 + tol)² from its cheapest
+# run, i.e. ±tol around its geometric centre (+21% above the cheapest at 0.10). See group_budgets.
+BUDGET_TOL = 0.10
+# |corr(log N, log D)| above this and approach 3 cannot separate α from β: the variance of each exponent
+# is inflated by 1 / (1 − r²) ≥ 100 (standard errors ≥ 10×) over an uncorrelated design. One budget
+# (log D = const − log N) or one tokens-per-parameter ratio (log D = const + log N) gives |r| = 1.
+COLLINEAR_CORR = 0.995
 # Chinchilla's grid of starts (Hoffmann et al. 2022, App. D.2): 4500 points. The objective is evaluated on all
 # of them at once (cheap, vectorised); L-BFGS then runs only from the best few, which all landed in the same
 # basin on our test laws (checked over 20 noisy seeds), at a fraction of the cost of 4500 runs.
@@ -54,7 +60,7 @@ _THETA_HI = np.array([np.inf] * 3 + [EXPONENT_BOUNDS[1]] * 2)
 
 
 class ScalingError(ValueError):
-    """Not enough data for a fit; the message says what is needed."""
+    """Not enough data for a fit, or bad data; the message says what is needed or which run is bad."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,18 +77,6 @@ class Run:
 
 # ---------------------------------------------------------------------------------------------------
 # Loading a sweep root
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line cut short by a kill
-    return rows
 
 
 def _eval_loss(workdir: str) -> tuple[int, float] | None:
@@ -104,13 +98,21 @@ def _eval_loss(workdir: str) -> tuple[int, float] | None:
 
 def load_run(workdir: str) -> Run:
     from effax.train import config as config_lib
+    from effax.train import metrics as metrics_lib
 
-    cfg = config_lib.from_json(os.path.join(workdir, "config.json"))
-    meta = {}
-    if os.path.exists(os.path.join(workdir, "sweep.json")):
-        with open(os.path.join(workdir, "sweep.json")) as f:
-            meta = json.load(f)
-    rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    run_id = os.path.basename(os.path.normpath(workdir))
+    try:
+        cfg = config_lib.from_json(os.path.join(workdir, "config.json"))
+        meta = {}
+        if os.path.exists(os.path.join(workdir, "sweep.json")):
+            with open(os.path.join(workdir, "sweep.json")) as f:
+                meta = json.load(f)
+        rows = metrics_lib.read(workdir)
+    except (ValueError, TypeError, KeyError) as e:  # unreadable JSON, an unknown model type, a corrupt line
+        raise ScalingError(f"run {run_id}: cannot read its files: {e}") from None
+    for key in ("N", "D", "C", "budget"):
+        if meta.get(key) is not None and not isinstance(meta[key], (int, float)):
+            raise ScalingError(f"run {run_id}: sweep.json field {key!r} is {meta[key]!r}, not a number")
     last_step = max((r.get("step", 0) for r in rows), default=0)
     val = [r for r in rows if r.get("split") == "val" and "loss" in r]
     loss, loss_step = (float(val[-1]["loss"]), val[-1]["step"]) if val else (float("nan"), -1)
@@ -124,8 +126,7 @@ def load_run(workdir: str) -> Run:
     finished = bool(meta.get("finished", max(last_step, loss_step) >= steps)) and np.isfinite(loss)
     arch = str(meta.get("arch") or cfg.name or cfg.model.type)
     budget = meta.get("budget")
-    return Run(os.path.basename(os.path.normpath(workdir)), arch, N, D, C, loss, finished,
-               None if budget is None else float(budget))
+    return Run(run_id, arch, N, D, C, loss, finished, None if budget is None else float(budget))
 
 
 def load_runs(root: str) -> list[Run]:
@@ -140,19 +141,52 @@ def arrays(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     return tuple(np.array([getattr(r, k) for r in runs], dtype=float) for k in ("N", "D", "C", "loss"))
 
 
+def check_runs(runs: list[Run]) -> None:
+    """Every figure a fit uses must be a positive finite number: raises ScalingError naming the run and
+    field otherwise (a loss of 0 or a negative N is a broken file, not data)."""
+    for r in runs:
+        for key in ("N", "D", "C", "loss"):
+            v = getattr(r, key)
+            if not (isinstance(v, (int, float, np.floating)) and np.isfinite(v) and v > 0):
+                raise ScalingError(f"run {r.run_id}: {key} = {float(v)} is not a positive finite number")
+        if r.budget is not None and not (np.isfinite(r.budget) and r.budget > 0):
+            raise ScalingError(f"run {r.run_id}: budget = {r.budget!r} is not a positive finite number")
+
+
+def check_arrays(where: str, weights=None, **named) -> list[np.ndarray]:
+    """The API's arrays (N=..., D=..., L=...): one dimension, equal lengths, positive and finite; weights
+    (optional) finite, ≥ 0 and not all 0. Raises ScalingError naming the array and index."""
+    arrs = [np.asarray(v, float) for v in named.values()]
+    lengths = {k: a.shape for k, a in zip(named, arrs)}
+    if any(a.ndim != 1 for a in arrs) or len({a.shape for a in arrs}) != 1:
+        raise ScalingError(f"{where}: {', '.join(named)} must be 1-D arrays of one length; got shapes {lengths}")
+    for k, a in zip(named, arrs):
+        bad = np.flatnonzero(~(np.isfinite(a) & (a > 0)))
+        if len(bad):
+            raise ScalingError(f"{where}: {k}[{bad[0]}] = {float(a[bad[0]])} is not a positive finite number")
+    if weights is not None:
+        w = np.asarray(weights, float)
+        if w.shape != arrs[0].shape or not np.all(np.isfinite(w) & (w >= 0)) or not w.sum() > 0:
+            raise ScalingError(f"{where}: weights must be finite, ≥ 0, not all 0, one per run; got {w!r}")
+        arrs.append(w)
+    return arrs
+
+
 # ---------------------------------------------------------------------------------------------------
 # Approach 2: IsoFLOP parabolas
 
 
 def group_budgets(runs: list[Run], tol: float = BUDGET_TOL) -> list[tuple[float, list[int]]]:
-    """[(budget C, indices into runs)], by the sweep's label if every run has one, else by C within ±tol."""
+    """[(budget C, indices into runs)], by the sweep's label if every run has one, else by C: sorted by C,
+    a run joins the current group while its C is within (1 + tol)² of the group's cheapest run (±tol
+    around the group's geometric centre, which is the budget reported)."""
     if runs and all(r.budget is not None for r in runs):
         labels = sorted({r.budget for r in runs})
         return [(b, [i for i, r in enumerate(runs) if r.budget == b]) for b in labels]
     order = sorted(range(len(runs)), key=lambda i: runs[i].C)
     groups: list[list[int]] = []
     for i in order:
-        if groups and runs[i].C <= runs[groups[-1][0]].C * (1 + tol) ** 2:  # ±tol around a centre
+        if groups and runs[i].C <= runs[groups[-1][0]].C * (1 + tol) ** 2:
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -169,7 +203,9 @@ def _vertices(x: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def isoflop_minima(runs: list[Run], losses: np.ndarray | None = None, tol: float = BUDGET_TOL) -> dict:
-    """Per budget with ≥3 distinct sizes: the IsoFLOP vertex. `losses` (R, len(runs)) gives R refits at once."""
+    """Per budget with ≥3 distinct sizes and a convex parabola through the observed losses: the IsoFLOP
+    vertex. `losses` (R, len(runs)) gives R refits at once, over the same budgets as the observed fit (a
+    replicate's vertex outside the sizes trained is nan: that replicate has no minimum for that budget)."""
     N, D, C, L = arrays(runs)
     Y = L[None] if losses is None else losses
     out = {"C": [], "N": [], "D": [], "L": [], "coef": [], "x0": [], "inside": [], "skipped": []}
@@ -179,12 +215,12 @@ def isoflop_minima(runs: list[Run], losses: np.ndarray | None = None, tol: float
             continue
         x = np.log(N[idx])
         x0 = x.mean()
+        if not np.isfinite(_vertices(x - x0, L[idx][None])[1][0]):
+            out["skipped"].append(f"C={budget:.3g}: the IsoFLOP parabola is not convex (no minimum)")
+            continue
         c, xs, ys = _vertices(x - x0, Y[:, idx])
         if losses is not None:  # a replicate's vertex outside the sizes trained is no supported minimum: drop it
             xs, ys = (np.where((xs + x0 >= x.min()) & (xs + x0 <= x.max()), v, np.nan) for v in (xs, ys))
-        if losses is None and not np.isfinite(xs[0]):
-            out["skipped"].append(f"C={budget:.3g}: the IsoFLOP parabola is not convex (no minimum)")
-            continue
         # FLOPs per token at N*: log f is close to linear in log N within a budget (6N plus attention terms)
         slope, icpt = np.polyfit(x, np.log(C[idx] / D[idx]), 1)
         with np.errstate(over="ignore"):
@@ -215,15 +251,46 @@ def residual_replicates(runs: list[Run], n: int, rng: np.random.Generator, tol: 
 
 
 def _loglog_lines(x: np.ndarray, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares lines log Y = log k + a log x for each row of Y (R, m); nan rows give nan."""
-    lx, lY = np.log(x), np.log(Y)
-    xm = lx.mean()
-    a = ((lY - lY.mean(1, keepdims=True)) * (lx - xm)).sum(1) / ((lx - xm) ** 2).sum()
-    return np.exp(lY.mean(1) - a * xm), a
+    """Least-squares lines log Y = log k + a log x for each row of Y (R, m), each over its own finite
+    positive entries (a bootstrap replicate may lack a budget's minimum); rows with < 2 of them give nan."""
+    M = np.isfinite(Y) & (Y > 0)
+    n = M.sum(1)
+    lx = np.broadcast_to(np.log(x), Y.shape)
+    lY = np.log(np.where(M, Y, 1.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xm = np.where(M, lx, 0).sum(1) / n
+        ym = np.where(M, lY, 0).sum(1) / n
+        dx = np.where(M, lx - xm[:, None], 0)
+        a = (dx * np.where(M, lY - ym[:, None], 0)).sum(1) / (dx * dx).sum(1)
+    a = np.where(n >= 2, a, np.nan)
+    return np.exp(ym - a * xm), a
+
+
+def isoflop_warnings(runs: list[Run], tol: float = BUDGET_TOL) -> list[str]:
+    """Why the runs may not form IsoFLOP groups: budgets made up by the tolerance, budgets that overlap,
+    budgets with too few sizes. Approach 2 and the frontier read them as if each group shared one C."""
+    groups = group_budgets(runs, tol)
+    C = np.array([r.C for r in runs])
+    N = np.array([r.N for r in runs])
+    out = []
+    if runs and not all(r.budget is not None for r in runs):
+        spread = max(C[idx].max() / C[idx].min() - 1 for _, idx in groups)
+        out.append(f"the runs carry no budget labels (sweep.json): they were grouped into {len(groups)} budgets by C "
+                   f"with --budget-tol={tol} (a group spans up to ×{(1 + tol) ** 2:.3g}; the widest here spans "
+                   f"+{100 * spread:.0f}%); on compute spread continuously the answer moves with the tolerance")
+    ranges = [(C[idx].min(), C[idx].max(), b) for b, idx in groups]
+    for (lo1, hi1, b1), (lo2, hi2, b2) in zip(ranges, ranges[1:]):
+        if lo2 <= hi1:
+            out.append(f"budgets C={b1:.3g} and C={b2:.3g} overlap (their runs' C ranges meet at {lo2:.3g})")
+    few = [f"{b:.3g}" for b, idx in groups if len(np.unique(N[idx])) < 3]
+    if few:
+        out.append(f"budget(s) C={', '.join(few)} have fewer than 3 model sizes: no IsoFLOP parabola there")
+    return out
 
 
 def approach2(runs: list[Run], tol: float = BUDGET_TOL) -> dict:
     """IsoFLOP minima per budget and the power laws N* = k_N C^a, D* = k_D C^b."""
+    check_runs(runs)
     m = isoflop_minima(runs, tol=tol)
     if len(m["C"]) < 2:
         raise ScalingError(f"approach 2 needs ≥2 compute budgets with ≥3 model sizes each and a convex IsoFLOP "
@@ -232,20 +299,29 @@ def approach2(runs: list[Run], tol: float = BUDGET_TOL) -> dict:
     Ns, Ds, Ls = (np.array([v[0] for v in m[k]]) for k in ("N", "D", "L"))
     kN, a = _loglog_lines(C, Ns[None])
     kD, b = _loglog_lines(C, Ds[None])
+    groups = [{"C": b, "runs": len(idx), "C_range": [min(runs[i].C for i in idx), max(runs[i].C for i in idx)],
+               "sizes": len({runs[i].N for i in idx})} for b, idx in group_budgets(runs, tol)]
+    warnings = isoflop_warnings(runs, tol)
+    warnings += [f"IsoFLOP minimum outside the sizes trained at C={c:.3g}: add sizes on that side"
+                 for c, inside in zip(C, m["inside"]) if not inside]
     return {"budgets": C.tolist(), "N_star": Ns.tolist(), "D_star": Ds.tolist(), "L_star": Ls.tolist(),
-            "vertex_inside_sampled_sizes": m["inside"],
+            "vertex_inside_sampled_sizes": m["inside"], "budget_groups": groups, "warnings": warnings,
             "parabolas": [{"coef": c.tolist(), "log_N_centre": x0} for c, x0 in zip(m["coef"], m["x0"])],
             "a": float(a[0]), "k_N": float(kN[0]), "b": float(b[0]), "k_D": float(kD[0]), "skipped": m["skipped"]}
 
 
 def bootstrap_approach2(runs: list[Run], n: int, rng: np.random.Generator, tol: float = BUDGET_TOL) -> dict:
-    """Residual bootstrap of the IsoFLOP parabolas, then the power laws; all replicates at once."""
+    """Residual bootstrap of the IsoFLOP parabolas, then the power laws; all replicates at once. A replicate
+    whose vertex leaves the sampled sizes at some budget is fitted on its other budgets; it fails only when
+    fewer than 2 remain (`failed`, with `why`)."""
     m = isoflop_minima(runs, residual_replicates(runs, n, rng, tol), tol)
     C, Ns, Ds = np.array(m["C"]), np.stack(m["N"], 1), np.stack(m["D"], 1)
-    ok = np.all(np.isfinite(Ns) & (Ns > 0), axis=1)
-    kN, a = _loglog_lines(C, Ns[ok])
-    kD, b = _loglog_lines(C, Ds[ok])
-    return {"a": a, "k_N": kN, "b": b, "k_D": kD, "failed": int((~ok).sum())}
+    kN, a = _loglog_lines(C, Ns)
+    kD, b = _loglog_lines(C, Ds)
+    ok = np.isfinite(a) & np.isfinite(b)
+    partial = int((ok & ~np.all(np.isfinite(Ns), axis=1)).sum())
+    return {"a": a[ok], "k_N": kN[ok], "b": b[ok], "k_D": kD[ok], "failed": int((~ok).sum()), "partial": partial,
+            "why": "fewer than 2 budgets with an IsoFLOP minimum inside the sampled sizes" if (~ok).any() else ""}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -312,13 +388,13 @@ def _lbfgs(theta0, x, y, logL, w, delta):
 
 def approach3(N, D, L, *, weights=None, starts=None, delta: float = HUBER_DELTA) -> Law:
     """Huber fit of L = E + A/N^α + B/D^β in log space, by L-BFGS-B from the best grid starts (or `starts`)."""
-    N, D, L = (np.asarray(v, float) for v in (N, D, L))
+    N, D, L, *w = check_arrays("approach 3", weights, N=N, D=D, L=L)
     if len(L) < 5:
         raise ScalingError(f"approach 3 needs ≥5 finished runs (5 parameters: E, A, B, α, β); got {len(L)}")
     if len(np.unique(N)) < 2 or len(np.unique(D)) < 2:
         raise ScalingError("approach 3 needs runs at ≥2 model sizes and ≥2 token counts")
     x, y, logL = np.log(N), np.log(D), np.log(L)
-    w = np.ones_like(x) if weights is None else np.asarray(weights, float)
+    w = w[0] if w else np.ones_like(x)
     starts = _grid_starts(x, y, logL, w, N_STARTS, delta) if starts is None else np.atleast_2d(starts)
     # The starts are first moved jointly by the vectorised LM below (numpy only), so each L-BFGS-B run needs a
     # few iterations instead of ~100: scipy's L-BFGS-B calls BLAS on 5-vectors, which costs ~3 ms an
@@ -329,10 +405,34 @@ def approach3(N, D, L, *, weights=None, starts=None, delta: float = HUBER_DELTA)
     return Law(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(al), beta=float(be))
 
 
+def _on_bound(value: float, rtol: float = 1e-6) -> bool:
+    return any(abs(value - b) <= rtol * max(1.0, abs(b)) for b in EXPONENT_BOUNDS)
+
+
 def at_bound(law: Law, rtol: float = 1e-6) -> list[str]:
     """The exponents a fit left on EXPONENT_BOUNDS: the data did not pin them down."""
-    return [name for name in ("alpha", "beta")
-            if any(abs(getattr(law, name) - b) <= rtol * max(1.0, abs(b)) for b in EXPONENT_BOUNDS)]
+    return [name for name in ("alpha", "beta") if _on_bound(getattr(law, name), rtol)]
+
+
+def identification_warnings(N, D, law: Law | None = None, ci: dict | None = None) -> list[str]:
+    """Why approach 3's exponents may be unidentified: a design whose log N and log D are (nearly)
+    collinear, an exponent on its bound, a bootstrap interval that reaches a bound."""
+    x, y = np.log(np.asarray(N, float)), np.log(np.asarray(D, float))
+    out = []
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        r = 1.0
+    else:
+        r = float(abs(np.corrcoef(x, y)[0, 1]))
+    if r >= COLLINEAR_CORR:
+        out.append(f"log N and log D are collinear (|corr| = {r:.4f} ≥ {COLLINEAR_CORR}): one budget or one "
+                   f"tokens-per-parameter ratio cannot separate α from β; add runs at other budgets or sizes")
+    if law is not None:
+        out += [f"{k} ended on its bound {list(EXPONENT_BOUNDS)}: the runs do not determine it" for k in at_bound(law)]
+    for k, interval in (ci or {}).items():
+        if k in ("alpha", "beta") and interval and any(_on_bound(v) for v in interval):
+            out.append(f"the bootstrap interval of {k} {[round(v, 4) for v in interval]} reaches the bound "
+                       f"{list(EXPONENT_BOUNDS)}: resamples of these runs do not determine it")
+    return out
 
 
 def _theta(law: Law) -> np.ndarray:
@@ -380,12 +480,14 @@ def _huber_lm(theta, x, y, logL, W, delta, iters: int = 200):
     return theta
 
 
-def bootstrap_approach3(N, D, L, law: Law, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def bootstrap_approach3(N, D, L, law: Law, n: int, rng: np.random.Generator,
+                        delta: float = HUBER_DELTA) -> dict[str, np.ndarray]:
     """Refits on n resamples of the runs (as integer weights), each started from the full-data fit: the
-    resampled optimum sits near it. Returns arrays of E, A, B, alpha, beta."""
-    x, y, logL = np.log(np.asarray(N, float)), np.log(np.asarray(D, float)), np.log(np.asarray(L, float))
+    resampled optimum sits near it. `delta`: the Huber δ of that fit. Returns arrays of E, A, B, alpha, beta."""
+    N, D, L = check_arrays("approach 3 bootstrap", N=N, D=D, L=L)
+    x, y, logL = np.log(N), np.log(D), np.log(L)
     counts = rng.multinomial(len(x), np.full(len(x), 1 / len(x)), size=n).astype(float)
-    th = _huber_lm(np.repeat(_theta(law)[None], n, 0), x, y, logL, counts, HUBER_DELTA)
+    th = _huber_lm(np.repeat(_theta(law)[None], n, 0), x, y, logL, counts, delta)
     return {"E": np.exp(th[:, 2]), "A": np.exp(th[:, 0]), "B": np.exp(th[:, 1]), "alpha": th[:, 3], "beta": th[:, 4]}
 
 
@@ -456,9 +558,10 @@ def frontier_points(runs: list[Run], tol: float = BUDGET_TOL) -> tuple[np.ndarra
 
 def fit_frontier(C, L, start: Frontier | None = None) -> Frontier:
     """Least squares on log L over (E, log k, γ), from several E starts below the best loss (or from `start`)."""
-    C, L = np.asarray(C, float), np.asarray(L, float)
-    if len(C) < 3:
-        raise ScalingError(f"the loss-vs-compute frontier needs ≥3 points (IsoFLOP minima or Pareto-front runs); got {len(C)}")
+    C, L = check_arrays("the loss frontier", C=C, L=L)
+    if len(np.unique(C)) < 3:  # points sharing one C (a single budget) leave log k and γ undetermined
+        raise ScalingError(f"the loss-vs-compute frontier needs ≥3 points at distinct compute (IsoFLOP minima or "
+                           f"Pareto-front runs); got {len(np.unique(C))} distinct C among {len(C)} points")
     lc = np.log(C) - np.log(C).mean()  # centred so log k and γ are not strongly correlated
 
     def resid(p):
@@ -486,11 +589,18 @@ def multiplier(base: Frontier, other: Frontier, target: float) -> float:
 
 
 def bootstrap_frontier(runs: list[Run], front: Frontier, n: int, rng: np.random.Generator,
-                       tol: float = BUDGET_TOL) -> list[Frontier]:
-    """Frontier refits on residual-bootstrap replicates of the IsoFLOP minima, each started from the full fit."""
+                       tol: float = BUDGET_TOL) -> tuple[list[Frontier], int]:
+    """Frontier refits on residual-bootstrap replicates of the IsoFLOP minima, each started from the full
+    fit and each on the budgets where that replicate has a minimum: (the fits, how many replicates had
+    fewer than 3 such budgets and were dropped)."""
     m = isoflop_minima(runs, residual_replicates(runs, n, rng, tol), tol)
     C, Ls = np.array(m["C"]), np.stack(m["L"], 1)
-    return [fit_frontier(C, row, start=front) for row in Ls if np.all(np.isfinite(row) & (row > 0))]
+    fits = []
+    for row in Ls:
+        keep = np.isfinite(row) & (row > 0)
+        if keep.sum() >= 3:
+            fits.append(fit_frontier(C[keep], row[keep], start=front))
+    return fits, len(Ls) - len(fits)
 
 
 def percentile_ci(samples, level: float = 0.95) -> list[float] | None:

@@ -15,6 +15,8 @@ import re
 import sqlite3
 import time
 
+from effax.train import metrics as metrics_lib
+
 DB_NAME = "sweep.sqlite"
 END_STATES = ("finished", "failed", "interrupted", "timeout")
 ATTEMPT_START = "[effax sweep] attempt {attempt} started"
@@ -40,21 +42,6 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    """metrics.jsonl, skipping a last line cut short by a kill."""
-    rows = []
-    try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    except FileNotFoundError:
-        pass
-    return rows
-
-
 def total_steps(workdir: str) -> int | None:
     try:
         with open(os.path.join(workdir, "config.json")) as f:
@@ -65,7 +52,7 @@ def total_steps(workdir: str) -> int | None:
 
 def progress(workdir: str) -> dict:
     """{step, total_steps, train_loss, val_loss, val_bpb} from the run's files (None where unknown)."""
-    rows = read_metrics(workdir)
+    rows = metrics_lib.read(workdir)
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
     num = lambda r, k: float(r[k]) if r and isinstance(r.get(k), (int, float)) else None  # noqa: E731

@@ -21,14 +21,15 @@ SETS = ["mesh.data=-1", "logging.tensorboard=false", "logging.progress=false"]
 
 @pytest.fixture(scope="module")
 def slurm_env():
-    """A running Slurm, or a clear failure in CI (never a silent skip there)."""
+    """A running Slurm, or a clear failure in CI (never a silent skip there). Elsewhere, a machine where
+    `make test` could not install Slurm (no root or sudo, no apt) skips these tests, saying why."""
     try:
         with slurm_fixture.local_slurm() as env:
             yield env
     except slurm_fixture.SlurmUnavailable as e:
-        if os.environ.get("CI") or os.geteuid() == 0:
+        if os.environ.get("CI"):
             pytest.fail(f"no Slurm for the Slurm backend tests: {e}")
-        pytest.skip(f"not root and not in CI, so no local Slurm can be started: {e}")
+        pytest.skip(f"no local Slurm could be started (make test installs it where root or sudo may): {e}")
 
 
 @pytest.fixture

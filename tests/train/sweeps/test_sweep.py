@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from effax.train import metrics as metrics_lib
 from effax.train.config import ConfigError, resolve
 from effax.train.sweeps import cli as sweep_cli
 from effax.train.sweeps import spec as sweep
@@ -319,7 +320,7 @@ def test_kill_relaunch_and_interrupt_lose_and_repeat_nothing(tmp_path):
     assert "attempt 2 started" in log1 and "attempt 2 ended: finished" in log1
     # the orphan of the killed launcher stopped (parent-death SIGTERM) and saved, rather than training on
     assert log1.index("stopped by signal 15") < log1.index("attempt 2 started")
-    steps = [r["step"] for r in store_lib.read_metrics(wd[1]) if r["split"] == "train"]
+    steps = [r["step"] for r in metrics_lib.read(wd[1]) if r["split"] == "train"]
     assert steps == list(range(10, 301, 10)), steps
     assert index[ids[1]]["status"] == "finished" and index[ids[1]]["attempts"] == 2 and index[ids[1]]["step"] == 300
     # run 2 was stopped by Ctrl-C: interrupted, with a checkpoint to resume from
