@@ -60,6 +60,8 @@ def train_losses(workdir) -> np.ndarray:
     return np.array([r["loss"] for r in rows])
 
 
+@pytest.mark.slow  # ~90 s (three runs of two processes); the default suite covers two processes in one run through
+# Slurm (tests/train/sweeps/test_slurm.py::test_two_task_run_is_one_multihost_training); `make test-slow` runs this.
 def test_two_processes_match_one_process_and_resume(tmp_path):
     ref = subprocess.run(train_cmd(tmp_path / "ref", ["train.steps=10"], "--quiet"), env=env(4),
                          capture_output=True, text=True, timeout=300)
