@@ -167,6 +167,7 @@ def register_ffn(name: str) -> Callable[[type], type]:
 def _load_layers() -> None:
     # Importing a layer file registers its layers. New layer files add one line here.
     from effax.layers import attention, mlp  # noqa: F401
+    from effax.layers import conv, delta_rule, linear_attention, ssm  # noqa: F401  (hybrid mixers: docs/hybrid.md)
 
 
 def mixer(name: str) -> type[Layer]:

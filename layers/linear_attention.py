@@ -1,0 +1,265 @@
+"""Scalar-gated linear attention, written once: the chunked algorithm (training, prefill), the recurrent
+step (decoding) and the quadratic reference (tests). Mamba2's SSD (layers/ssm.py), Based (below) and
+any gated linear attention / retention variant with one decay per head and token are this recurrence:
+
+    S_t = exp(g_t) S_{t-1} + v_t k_t^T          S_t: [P, N] per head, exp(g_t) in (0, 1]
+    y_t = S_t q_t
+
+i.e. y_t = sum_{s <= t} exp(g_{s+1} + ... + g_t) (q_t . k_s) v_s. Shapes: q, k [B, T, K, N] shared by
+the G = H / K value heads of their group (Mamba2: K = 1 group of B/C for all heads; Based: K = H),
+v [B, T, H, P], g [B, T, H]. A variant chooses q, k, v and g: Mamba2 q = C, k = B, v = dt x,
+g = dt A; Based g = 0 with Taylor features; retention g = log gamma_h (a constant per head).
+
+Chunked form (Mamba2 paper, "SSD"; flash-linear-attention's chunk kernels). Cut T into chunks of Q:
+  inside a chunk, the masked quadratic form with decays exp(c_t - c_s) from the chunk-local cumulative
+  log decay c (the official kernels' form; c spans at most Q tokens, so the difference keeps fp32
+  precision), and each chunk's contribution to the state at its end;
+  across chunks, a scan passes the state: S_(c+1) = exp(c_last) S_c + (chunk c's contribution), and each
+  token reads exp(c_t) q_t^T S_c from the state that entered its chunk.
+Cost per token O(Q N + Q P + N P) per head: flat in T.
+
+Packed documents (segment ids): the state resets at each document start. Inside a chunk a pair (t, s)
+counts only within one document; a token reads the entering state only if no document started in its
+chunk before it; a token adds to the chunk's final state only if it is in the chunk's last document.
+Segment ids must be equal exactly within a document and change at each boundary (train/data.py: 1, 2, ...).
+
+Everything here runs in fp32: decays, states and outputs (inputs are upcast).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effax.layers.conv import require_fields
+from effax.layers.mixer import Layer, LayerContext, register_mixer
+from effax.layers.sharding import logical_init
+
+F32 = jnp.float32
+
+
+def _check(q_BTKN, k_BTKN, v_BTHP, log_decay_BTH):
+    B, T, K, N = q_BTKN.shape
+    H = v_BTHP.shape[2]
+    if k_BTKN.shape != q_BTKN.shape or v_BTHP.shape[:2] != (B, T) or H % K or log_decay_BTH.shape != (B, T, H):
+        raise ValueError(f"linear attention: q {q_BTKN.shape}, k {k_BTKN.shape} must be [B, T, K, N], v {v_BTHP.shape} "
+                         f"[B, T, H, P] with K dividing H, log decay {log_decay_BTH.shape} [B, T, H]")
+
+
+def _new_document_BT(segment_ids_BT):
+    """True where a token starts a document after the row's first token (the state resets there)."""
+    return jnp.concatenate([jnp.zeros_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], 1)
+
+
+def chunked(q_BTKN, k_BTKN, v_BTHP, log_decay_BTH, *, chunk_size: int, segment_ids_BT=None, state_BHPN=None):
+    """The chunked algorithm (module docstring) -> (y [B, T, H, P] fp32, the final state [B, H, P, N]).
+
+    state_BHPN: the state before the first token (zeros when None). Any T: the last chunk is padded with
+    tokens that neither decay nor write the state."""
+    _check(q_BTKN, k_BTKN, v_BTHP, log_decay_BTH)
+    B, T, K, N = q_BTKN.shape
+    H, P = v_BTHP.shape[2:]
+    G, Q = H // K, min(chunk_size, T)
+    n_chunks = -(-T // Q)
+    pad = n_chunks * Q - T
+
+    def chunks(a, mode="constant"):  # [B, T, ...] -> [B, chunks, Q, ...]
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), mode=mode)
+        return a.reshape(B, n_chunks, Q, *a.shape[2:])
+
+    q, k = chunks(q_BTKN.astype(F32)), chunks(k_BTKN.astype(F32))  # [B, c, Q, K, N]
+    v = chunks(v_BTHP.astype(F32)).reshape(B, n_chunks, Q, K, G, P)
+    cum = jnp.cumsum(chunks(log_decay_BTH.astype(F32)).reshape(B, n_chunks, Q, K, G), axis=2)  # c_t, inclusive
+
+    visible = jnp.tril(jnp.ones((Q, Q), bool))  # [t, s]: s <= t ...
+    carries = reaches_end = None
+    if segment_ids_BT is not None:  # ... in the same document
+        seg = chunks(segment_ids_BT, mode="edge")  # [B, c, Q]
+        visible = visible & (seg[:, :, :, None] == seg[:, :, None, :])
+        entering = jnp.concatenate([seg[:, :1, 0], seg[:, :-1, -1]], axis=1)  # the document of the state entering
+        carries = seg == entering[:, :, None]  # [B, c, Q]: no document started in the chunk up to t
+        reaches_end = seg == seg[:, :, -1:]  # [B, c, Q]: in the chunk's last document
+
+    # Inside each chunk: y_t += sum_{s <= t} exp(c_t - c_s) (q_t . k_s) v_s.
+    cum_KGQ = jnp.moveaxis(cum, 2, -1)  # [B, c, K, G, Q]
+    diff = cum_KGQ[..., :, None] - cum_KGQ[..., None, :]  # [B, c, K, G, Q(t), Q(s)]
+    mask = visible if segment_ids_BT is None else visible[:, :, None, None]
+    decay = jnp.exp(jnp.where(mask, diff, -jnp.inf))  # masked before exp: exp(c_t - c_s) overflows for s > t
+    scores = jnp.einsum("bctkn,bcskn->bckts", q, k)
+    y = jnp.einsum("bckgts,bcskgp->bctkgp", scores[:, :, :, None] * decay, v)
+
+    # Each chunk's contribution to the state at its end, and the decay of the state across the chunk.
+    to_end = jnp.exp(cum[:, :, -1:] - cum)  # [B, c, Q, K, G]
+    chunk_decay = jnp.exp(cum[:, :, -1])  # [B, c, K, G]
+    from_start = jnp.exp(cum)  # [B, c, Q, K, G]: decay of the entering state up to t
+    if segment_ids_BT is not None:
+        to_end = jnp.where(reaches_end[..., None, None], to_end, 0.0)
+        chunk_decay = jnp.where(carries[:, :, -1, None, None], chunk_decay, 0.0)
+        from_start = jnp.where(carries[..., None, None], from_start, 0.0)
+    contribution = jnp.einsum("bcskn,bcskg,bcskgp->bckgpn", k, to_end, v)
+
+    def pass_state(S_KGPN, inputs):
+        contribution_c, decay_c = inputs
+        return decay_c[..., None, None] * S_KGPN + contribution_c, S_KGPN
+
+    S0 = jnp.zeros((B, K, G, P, N), F32) if state_BHPN is None else state_BHPN.astype(F32).reshape(B, K, G, P, N)
+    final, entering_S = jax.lax.scan(pass_state, S0, (jnp.moveaxis(contribution, 1, 0), jnp.moveaxis(chunk_decay, 1, 0)))
+    y = y + jnp.einsum("bctkn,cbkgpn,bctkg->bctkgp", q, entering_S, from_start)
+    return y.reshape(B, n_chunks * Q, H, P)[:, :T], final.reshape(B, H, P, N)
+
+
+def step(state_BHPN, q_BKN, k_BKN, v_BHP, log_decay_BH):
+    """One token of the recurrence -> (y [B, H, P], state [B, H, P, N]); fp32."""
+    G = v_BHP.shape[1] // q_BKN.shape[1]
+    q_BHN, k_BHN = (jnp.repeat(a.astype(F32), G, axis=1) for a in (q_BKN, k_BKN))
+    state = jnp.exp(log_decay_BH.astype(F32))[..., None, None] * state_BHPN + v_BHP.astype(F32)[..., None] * k_BHN[:, :, None]
+    return jnp.einsum("bhpn,bhn->bhp", state, q_BHN), state
+
+
+def recurrent(q_BTKN, k_BTKN, v_BTHP, log_decay_BTH, *, segment_ids_BT=None, valid_BT=None, state_BHPN=None):
+    """Token by token (decoding, and the tests' oracle) -> (y [B, T, H, P], final state). A token with
+    valid_BT False leaves the state unchanged; a new document (segment ids) starts from a zero state."""
+    _check(q_BTKN, k_BTKN, v_BTHP, log_decay_BTH)
+    B, T, K, N = q_BTKN.shape
+    H, P = v_BTHP.shape[2:]
+    S0 = jnp.zeros((B, H, P, N), F32) if state_BHPN is None else state_BHPN.astype(F32)
+    new_doc = jnp.zeros((B, T), bool) if segment_ids_BT is None else _new_document_BT(segment_ids_BT)
+    valid = jnp.ones((B, T), bool) if valid_BT is None else valid_BT
+
+    def body(S, inputs):
+        q, k, v, g, new_doc_B, valid_B = inputs
+        y, S_next = step(jnp.where(new_doc_B[:, None, None, None], 0.0, S), q, k, v, g)
+        return jnp.where(valid_B[:, None, None, None], S_next, S), y
+
+    time_major = [jnp.moveaxis(a, 1, 0) for a in (q_BTKN, k_BTKN, v_BTHP, log_decay_BTH, new_doc, valid)]
+    final, y_TBHP = jax.lax.scan(body, S0, time_major)
+    return jnp.moveaxis(y_TBHP, 0, 1), final
+
+
+def segment_sums(log_decay_BHT):
+    """[B, H, T, T]: sum of g over (s, t] for s <= t, summed directly (no difference of prefix sums)."""
+    T = log_decay_BHT.shape[-1]
+    later_TT = jnp.arange(T)[:, None] > jnp.arange(T)[None, :]  # [m, s]: m > s
+    terms = jnp.where(later_TT, log_decay_BHT[..., :, None], 0.0)  # [B, H, m, s]
+    return jnp.cumsum(terms, axis=-2)  # [B, H, t, s] = sum_{s < m <= t} g_m
+
+
+def quadratic(q_BTKN, k_BTKN, v_BTHP, log_decay_BTH, *, segment_ids_BT=None):
+    """The test oracle: y_t = sum over s <= t in t's document of exp(sum_{s < m <= t} g_m) (q_t . k_s) v_s,
+    as one masked T x T product in fp32."""
+    _check(q_BTKN, k_BTKN, v_BTHP, log_decay_BTH)
+    T, G = q_BTKN.shape[1], v_BTHP.shape[2] // q_BTKN.shape[2]
+    q, k = (jnp.repeat(a.astype(F32), G, axis=2) for a in (q_BTKN, k_BTKN))
+    visible = jnp.tril(jnp.ones((T, T), bool))[None, None]
+    if segment_ids_BT is not None:
+        visible = visible & (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
+    weights = jnp.exp(jnp.where(visible, segment_sums(jnp.moveaxis(log_decay_BTH.astype(F32), 1, 2)), -jnp.inf))
+    return jnp.einsum("bhts,bthn,bshn,bshp->bthp", weights, q, k, v_BTHP.astype(F32))
+
+
+def chunked_flops(cfg_chunk: int, seq_len: int, *, K: int, H: int, N: int, P: int) -> float:
+    """Forward FLOPs per token of `chunked`: intra-chunk scores (2QN per group) and outputs (2QP per head),
+    chunk contributions and reads of the entering state (2NP each per head); Q = min(chunk, T)."""
+    Q = min(cfg_chunk, seq_len)
+    return 2 * Q * N * K + 2 * Q * P * H + 4 * N * P * H
+
+
+def write_state(state, i, new):
+    """Writes one layer's new decode state (a pytree) at repeat index i of the stacked state."""
+    return jax.tree.map(lambda s, n: s.at[i].set(n.astype(s.dtype)), state, new)
+
+
+def read_state(state, i):
+    return jax.tree.map(lambda s: s[i], state)
+
+
+def projection(rngs: nnx.Rngs, cfg, shape, axes, *, out: bool = False) -> nnx.Param:
+    """A bias-free projection at the skeleton's init: normal(init_std), or out_init_std for one that
+    writes into the residual stream."""
+    std = cfg.out_init_std if out else cfg.init_std
+    init = logical_init(nnx.initializers.normal(std), axes)
+    return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)))
+
+
+# --- Based ----------------------------------------------------------------------------------------------
+
+
+def taylor_features(x):
+    """Based's feature map on the last axis (d = its size): phi(x) = [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))],
+    1 + d + d^2 features, so phi(q) . phi(k) = 1 + q.k / sqrt(d) + (q.k)^2 / (2 d): the 2nd-order Taylor
+    expansion of exp(q.k / sqrt(d))."""
+    d = x.shape[-1]
+    x = x.astype(F32)
+    outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], d * d)
+    return jnp.concatenate([jnp.ones_like(x[..., :1]), x / d**0.25, outer / (math.sqrt(2) * math.sqrt(d))], axis=-1)
+
+
+@register_mixer("based")
+class Based(Layer):
+    """Based's linear attention (Arora et al. 2024; HazyResearch/based `LinearAttention` with `TaylorExp`):
+
+        q, k = x W_q, x W_k   [B, T, H, f]  (f = model.feature_dim, 16 in Based)
+        v = x W_v             [B, T, H, P]  (P = the head dim, d_model / n_heads)
+        y_t = sum_{s <= t} phi(q_t).phi(k_s) v_s / sum_{s <= t} phi(q_t).phi(k_s),   out = y W_o
+
+    no decay (g = 0), no RoPE, no biases. The denominator rides along as a column of ones appended to v,
+    so the numerator and the normaliser are one pass of the chunked algorithm; phi(q).phi(k) >= 1/2, so it
+    never vanishes (Based adds eps = 1e-12; not needed). Decode state: [B, H, P + 1, 1 + f + f^2]."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        require_fields(cfg, "feature_dim", "chunk_size", mixer="based")
+        D, H, P, f = cfg.d_model, cfg.n_heads, cfg.dim_per_head, cfg.feature_dim
+        self.dtype, self.chunk_size = jnp.dtype(cfg.dtype), cfg.chunk_size
+        self.q = projection(rngs, cfg, (D, H, f), ("embed", "heads", None))
+        self.k = projection(rngs, cfg, (D, H, f), ("embed", "heads", None))
+        self.v = projection(rngs, cfg, (D, H, P), ("embed", "heads", "head_dim"))
+        self.o = projection(rngs, cfg, (H, P, D), ("heads", "head_dim", "embed"), out=True)
+
+    @staticmethod
+    def state_size(cfg) -> int:
+        return 1 + cfg.feature_dim + cfg.feature_dim**2
+
+    @classmethod
+    def param_count(cls, cfg) -> int:
+        return cfg.d_model * cfg.n_heads * (2 * cfg.feature_dim + 2 * cfg.dim_per_head)
+
+    @classmethod
+    def flops_per_token(cls, cfg, seq_len: int) -> float:
+        H = cfg.n_heads
+        return 2 * cls.param_count(cfg) + chunked_flops(cfg.chunk_size, seq_len, K=H, H=H, N=cls.state_size(cfg),
+                                                        P=cfg.dim_per_head + 1)
+
+    def _qkv(self, x_BTD):
+        dt = self.dtype
+        x_BTD = x_BTD.astype(dt)
+        proj = lambda w: jnp.einsum("btd,dhk->bthk", x_BTD, w[...].astype(dt))  # noqa: E731
+        v = proj(self.v).astype(F32)
+        v_ones = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)  # the last column sums the normaliser
+        return taylor_features(proj(self.q)), taylor_features(proj(self.k)), v_ones
+
+    def _out(self, y_BTHP1):
+        y_BTHP = y_BTHP1[..., :-1] / y_BTHP1[..., -1:]
+        return jnp.einsum("bthp,hpd->btd", y_BTHP.astype(self.dtype), self.o[...].astype(self.dtype))
+
+    def __call__(self, x_BTD, ctx: LayerContext):
+        q, k, v = self._qkv(x_BTD)
+        y, _ = chunked(q, k, v, jnp.zeros(v.shape[:3], F32), chunk_size=self.chunk_size, segment_ids_BT=ctx.segment_ids_BT)
+        return self._out(y)
+
+    @classmethod
+    def init_state(cls, cfg, batch: int, max_len: int, dtype):
+        return jnp.zeros((batch, cfg.n_heads, cfg.dim_per_head + 1, cls.state_size(cfg)), F32)  # fp32 whatever dtype
+
+    def prefill(self, x_BTD, ctx: LayerContext, state, i):
+        q, k, v = self._qkv(x_BTD)
+        k = jnp.where(ctx.valid_BT[:, :, None, None], k, 0.0)  # padding writes nothing (phi(k) has a constant 1)
+        y, final = chunked(q, k, v, jnp.zeros(v.shape[:3], F32), chunk_size=self.chunk_size)
+        return self._out(y), write_state(state, i, final)
+
+    def decode(self, x_BTD, ctx: LayerContext, state, i):
+        q, k, v = self._qkv(x_BTD)
+        y, final = recurrent(q, k, v, jnp.zeros(v.shape[:3], F32), valid_BT=ctx.valid_BT, state_BHPN=state[i])
+        return self._out(y), write_state(state, i, final)
