@@ -68,6 +68,9 @@ class LayerContext:
     train:          the training forward pass (routing noise, dropout, buffer updates) vs evaluation.
     rng:            a key for this layer and step (None when the caller gave none).
     layer:          the absolute layer index (a traced int inside the layer scan).
+    carry:          values handed from layer to layer along the depth (MoE++'s router logits for its gating
+                    residual): a layer reads `ctx.carry[name]` and may assign a new value of the same shape;
+                    the skeleton threads them through the scans, starting from the layers' `init_carry`.
     """
 
     positions_BT: jax.Array
@@ -79,6 +82,7 @@ class LayerContext:
     layer: Any = 0
     values: dict = dataclasses.field(default_factory=dict)
     reports: dict = dataclasses.field(default_factory=dict)
+    carry: dict = dataclasses.field(default_factory=dict)
 
     def aux_loss(self, name: str, value: jax.Array, *, reduce: str = "sum") -> None:
         """A weighted scalar loss term (already multiplied by its coefficient)."""
@@ -127,6 +131,11 @@ class Layer(nnx.Module):
         return None
 
     @classmethod
+    def init_carry(cls, cfg, batch: int, seq_len: int) -> dict:
+        """The depth-wise values (`ctx.carry`) this layer reads, as they enter the first layer: {name: array}."""
+        return {}
+
+    @classmethod
     def constrain_state(cls, state_R):
         """Sharding constraints on the state stacked over a scan group (leading axis "layers")."""
         return state_R
@@ -167,6 +176,7 @@ def register_ffn(name: str) -> Callable[[type], type]:
 def _load_layers() -> None:
     # Importing a layer file registers its layers. New layer files add one line here.
     from effax.layers import attention, mlp  # noqa: F401
+    from effax.layers import moe  # noqa: F401  (Mixture-of-Experts feed-forward "moe": docs/moe.md)
     from effax.layers import conv, delta_rule, linear_attention, ssm  # noqa: F401  (hybrid mixers: docs/hybrid.md)
 
 

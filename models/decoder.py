@@ -17,8 +17,9 @@ group's parameters are created stacked (`nnx.vmap`, leading axis named "layers")
 `jax.lax.scan`, so compile time grows with the number of distinct super-blocks, not with depth.
 
 Around each layer call the skeleton builds a `LayerContext` (positions, segment ids, train flag, a
-per-layer rng, the absolute layer index) and gathers what the layer reported (aux losses and
-diagnostics) and its updated non-trainable `Buffer`s out of the scan. The model returns
+per-layer rng, the absolute layer index, the depth-wise `carry` a layer may hand to the next) and gathers
+what the layer reported (aux losses and diagnostics) and its updated non-trainable `Buffer`s out of the
+scan. The model returns
 
     logits_BTV, aux = model(tokens_BT, positions_BT=..., segment_ids_BT=..., train=..., rng=...)
     aux = {"losses": {name: scalar}, "metrics": {name: array}, "state": nnx.State}   (keys absent when empty)
@@ -287,22 +288,25 @@ class Decoder(nnx.Module):
         reported = {}  # name -> [(layer index, value)]
         reports = {}  # name -> Report (static: what and how to combine)
         new_buffers = {}  # scan group index -> its layers' Buffers after this call
+        carry = self.init_carry(*x_BTD.shape[:2])  # depth-wise values (ctx.carry), threaded through the scans
         for g, (group, stacked) in enumerate(zip(self.scan_groups, self.blocks)):
             graphdef, state = nnx.split(stacked)
 
-            def body(x_BTD, xs, graphdef=graphdef, group=group):
+            def body(x_and_carry, xs, graphdef=graphdef, group=group):
+                x_BTD, carry = x_and_carry
                 params, r = xs
                 superblock = nnx.merge(graphdef, params)
                 values = []
                 for j, block in enumerate(superblock.layers):
-                    layer_ctx = _layer_ctx(ctx, group.start + r * len(group.block) + j)
+                    layer_ctx = _layer_ctx(ctx, group.start + r * len(group.block) + j, carry)
                     x_BTD = block(x_BTD, layer_ctx)
+                    carry = layer_ctx.carry
                     values.append(layer_ctx.values)
                     _merge_reports(reports, layer_ctx.reports)
-                return x_BTD, (values, nnx.state(superblock, Buffer))
+                return (x_BTD, carry), (values, nnx.state(superblock, Buffer))
 
-            x_BTD, (values, buffers) = jax.lax.scan(remat_layer(body, self.cfg.remat), x_BTD,
-                                                    (state, jnp.arange(group.repeats)))
+            (x_BTD, carry), (values, buffers) = jax.lax.scan(remat_layer(body, self.cfg.remat), (x_BTD, carry),
+                                                             (state, jnp.arange(group.repeats)))
             if jax.tree.leaves(buffers):
                 new_buffers[g] = buffers
             for j, per_layer in enumerate(values):
@@ -315,6 +319,15 @@ class Decoder(nnx.Module):
             # merged in, and flax then refuses in-place updates (jax 0.10.2, flax 0.12.8).
             aux["state"] = nnx.State({"blocks": new_buffers})
         return x_BTD, aux
+
+    def init_carry(self, batch: int, seq_len: int) -> dict:
+        """What enters the first layer as `ctx.carry`: the union of the layers' `init_carry` ({} for most)."""
+        carry = {}
+        for classes in self.cfg.layer_classes():
+            for cls in classes:
+                if cls is not None:
+                    carry.update(cls.init_carry(self.cfg, batch, seq_len))
+        return carry
 
     # Decoding with a cache. `cache` is opaque to callers: build it with init_cache, thread it through.
 
@@ -356,19 +369,21 @@ class Decoder(nnx.Module):
         """`run_layers` with each group's state in the scan carry (written in place by the layers at their
         repeat index) and the repeat index as xs. Reports are dropped: decoding has no losses."""
         new_layers = []
+        carry = self.init_carry(*x_BTD.shape[:2])
         for group, stacked, states in zip(self.scan_groups, self.blocks, cache.layers):
             graphdef, params = nnx.split(stacked)
 
-            def body(carry, xs, graphdef=graphdef, group=group):
-                x_BTD, states = carry
+            def body(scan_carry, xs, graphdef=graphdef, group=group):
+                x_BTD, states, carry = scan_carry
                 params, r = xs
                 states = list(states)
                 for j, block in enumerate(nnx.merge(graphdef, params).layers):
-                    layer_ctx = _layer_ctx(ctx, group.start + r * len(group.block) + j)
+                    layer_ctx = _layer_ctx(ctx, group.start + r * len(group.block) + j, carry)
                     x_BTD, states[j] = block.cached(x_BTD, layer_ctx, states[j], r, prefill=prefill)
-                return (x_BTD, tuple(states)), None
+                    carry = layer_ctx.carry
+                return (x_BTD, tuple(states), carry), None
 
-            (x_BTD, states), _ = jax.lax.scan(body, (x_BTD, states), (params, jnp.arange(group.repeats)))
+            (x_BTD, states, carry), _ = jax.lax.scan(body, (x_BTD, states, carry), (params, jnp.arange(group.repeats)))
             new_layers.append(states)
         return x_BTD, dataclasses.replace(cache, layers=tuple(new_layers))
 
@@ -382,10 +397,10 @@ class Decoder(nnx.Module):
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
 
-def _layer_ctx(ctx: LayerContext, layer) -> LayerContext:
-    """The call's context for one layer: its index, and its own fold of the rng."""
+def _layer_ctx(ctx: LayerContext, layer, carry: dict | None = None) -> LayerContext:
+    """The call's context for one layer: its index, its own fold of the rng, and the depth-wise carry."""
     rng = None if ctx.rng is None else jax.random.fold_in(ctx.rng, layer)
-    return dataclasses.replace(ctx, layer=layer, rng=rng, values={}, reports={})
+    return dataclasses.replace(ctx, layer=layer, rng=rng, values={}, reports={}, carry=dict(carry or {}))
 
 
 def _merge_reports(reports: dict, new: dict) -> None:

@@ -146,6 +146,7 @@ def register(name: str, config_cls: type[ModelConfig]) -> Callable[[type], type]
 def _load_families() -> None:
     # Importing a family file registers it. New families add one line here.
     from effax.models import dense  # noqa: F401
+    from effax.models import moe  # noqa: F401
     from effax.models import hybrid  # noqa: F401
 
 

@@ -42,7 +42,10 @@ def gmm(lhs_MK: jax.Array, rhs_GKN: jax.Array, group_sizes_G: jax.Array, *, impl
         raise ValueError(f"gmm impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
         impl = "megablox" if jax.default_backend() == "tpu" else "xla"
-    group_sizes_G = group_sizes_G.astype(jnp.int32)
+    # Inside shard_map the rows vary over the batch axes and the weights over `expert` only; the custom
+    # VJPs below return each gradient with the union of those axes, so the inputs take it first (adding
+    # a zero, which XLA drops): autodiff then sums the weight gradient over the batch axes, as it must.
+    lhs_MK, rhs_GKN, group_sizes_G = _same_axes(lhs_MK, rhs_GKN, group_sizes_G.astype(jnp.int32))
     if impl == "reference":
         return reference.gmm(lhs_MK, rhs_GKN, group_sizes_G)
     if impl == "megablox":
@@ -117,7 +120,7 @@ def _loop_gmm(lhs_MK, rhs_GKN, group_sizes_G, tile: int, transpose_rhs: bool = F
         return jax.lax.dynamic_update_slice_in_dim(out_MN, jnp.where(own[:, None], y_tN.astype(out_MN.dtype), old_tN),
                                                    start, 0)
 
-    return jax.lax.fori_loop(0, sched[3], body, jnp.zeros((m, n), lhs_MK.dtype))
+    return jax.lax.fori_loop(0, sched[3], body, _zeros((m, n), lhs_MK.dtype, lhs_MK, rhs_GKN))
 
 
 def _loop_tgmm(lhs_MK, dout_MN, group_sizes_G, tile: int, dtype):
@@ -133,7 +136,19 @@ def _loop_tgmm(lhs_MK, dout_MN, group_sizes_G, tile: int, dtype):
         return jax.lax.dynamic_update_index_in_dim(acc_GKN, acc_KN, g, 0)
 
     G, K, N = group_sizes_G.shape[0], lhs_MK.shape[1], dout_MN.shape[1]
-    return jax.lax.fori_loop(0, sched[3], body, jnp.zeros((G, K, N), jnp.float32)).astype(dtype)
+    return jax.lax.fori_loop(0, sched[3], body, _zeros((G, K, N), jnp.float32, lhs_MK, dout_MN)).astype(dtype)
+
+
+def _same_axes(*arrays):
+    """The arrays, each varying over the union of their shard_map axes (a no-op outside shard_map)."""
+    zero = sum(jnp.zeros_like(a, jnp.int32, shape=()) for a in arrays)
+    return tuple(a + zero.astype(a.dtype) for a in arrays)
+
+
+def _zeros(shape, dtype, *inputs):
+    """A loop's initial accumulator, varying over the same shard_map axes as its inputs (the loop's output
+    is, and a loop carry must keep its type): zeros_like keeps its argument's axes, and the sum their union."""
+    return sum(jnp.zeros_like(a, dtype, shape=shape) for a in inputs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
