@@ -4,6 +4,7 @@ residual and are counted; empty experts and every token on one expert; zero / co
 counts; layer selection; config errors; the aux-free Buffer; cached decoding; expert choice refuses it."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -228,9 +229,17 @@ def test_bad_moe_settings_fail_naming_the_key(changes, needle):
 # --- in the model: the aux-free Buffer, decoding ------------------------------------------------------
 
 
+@functools.cache
+def _model():
+    """One model for the tests below (an eager init compiles per parameter shape): aux-free balancing,
+    zero and copy experts, gating residuals over three MoE layers."""
+    cfg = dataclasses.replace(BASE, n_layers=3, balance="aux_free", bias_update_rate=0.01, n_zero_experts=1,
+                              n_copy_experts=1, gating_residual=True)
+    return MoEModel(cfg, rngs=nnx.Rngs(1))
+
+
 def test_aux_free_bias_moves_only_in_training_by_u_times_the_sign():
-    cfg = dataclasses.replace(BASE, balance="aux_free", bias_update_rate=0.01)
-    model = MoEModel(cfg, rngs=nnx.Rngs(0))
+    model = _model()
     tokens = jnp.arange(B * T).reshape(B, T) % 64
     bias = jax.jit(lambda train: model(tokens, train=train)[1]["state"]["blocks"][0]["layers"][0]["mlp"]["bias"][...],
                    static_argnums=0)
@@ -242,8 +251,7 @@ def test_aux_free_bias_moves_only_in_training_by_u_times_the_sign():
 def test_cached_decoding_equals_the_full_forward_with_gating_residuals():
     """Prefill right-padded prompts, decode a continuation, compare each step's logits with the full
     forward: routing is per token, and the gating residual's carry runs through the decode scan too."""
-    cfg = dataclasses.replace(BASE, n_layers=3, n_zero_experts=1, n_copy_experts=1, gating_residual=True)
-    model = MoEModel(cfg, rngs=nnx.Rngs(1))
+    model = _model()
     lengths = jnp.array([3, 6])
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 10)), jnp.int32)
 
@@ -268,7 +276,7 @@ def test_cached_decoding_equals_the_full_forward_with_gating_residuals():
 
 def test_expert_choice_refuses_to_decode_and_says_why():
     cfg = dataclasses.replace(BASE, **CONFIGS["expert choice"])
-    model = MoEModel(cfg, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: MoEModel(cfg, rngs=nnx.Rngs(0)))  # refused before any parameter is read
     with pytest.raises(ConfigError, match="expert_choice cannot decode.*depends on the tokens after it"):
         model.init_cache(1, 8)
     layer = _layer(cfg)
