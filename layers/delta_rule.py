@@ -24,7 +24,8 @@ The layer (flash-linear-attention's `GatedDeltaNet`, which the paper's code uses
     q, k, v = silu(conv(x W_q)), silu(conv(x W_k)), silu(conv(x W_v))      (short convs, no bias)
     beta = sigmoid(x W_b),   g = -exp(A_log) softplus(x W_a + dt_bias)     (Mamba2's gate)
     out = (RMSNorm_per_head(y) * w * silu(x W_g)) W_o                      (norm before the output gate)
-H = n_heads heads of key dim N = head dim and value dim P = value_expand * N. Init as fla: A ~ U(0, 16)
+computed as one matmul over the six input projections' columns and one depthwise conv over q, k, v's
+channels (the parameters stay fla's separate ones). H = n_heads heads of key dim N = head dim and value dim P = value_expand * N. Init as fla: A ~ U(0, 16)
 stored as A_log, dt_bias as Mamba2's; A_log and dt_bias are not weight-decayed.
 """
 
@@ -178,7 +179,7 @@ class GatedDeltaNet(Layer):
         H, N, P = gdn_sizes(cfg)
         D, W = cfg.d_model, cfg.conv_kernel
         param_dtype = jnp.dtype(cfg.param_dtype)
-        self.dtype, self.chunk_size, self.eps = jnp.dtype(cfg.dtype), cfg.chunk_size, cfg.norm_eps
+        self.sizes, self.dtype, self.chunk_size, self.eps = (H, N, P), jnp.dtype(cfg.dtype), cfg.chunk_size, cfg.norm_eps
 
         def param(init, shape, axes, **meta):
             return nnx.Param(logical_init(init, axes)(rngs.params(), shape, param_dtype), **meta)
@@ -212,56 +213,59 @@ class GatedDeltaNet(Layer):
         return 2 * matmuls + 2 * W * H * (2 * N + P) + chunked_flops(cfg.chunk_size, seq_len, H=H, N=N, P=P)
 
     def _project(self, x_BTD):
-        dt = self.dtype
-        x_BTD = x_BTD.astype(dt)
-        proj = lambda w: jnp.einsum("btd,dh...->bth...", x_BTD, w[...].astype(dt))  # noqa: E731
-        pre_conv = {"q": proj(self.w_q), "k": proj(self.w_k), "v": proj(self.w_v)}
-        return pre_conv, proj(self.w_a), proj(self.w_b), proj(self.w_g)
+        """-> (qkv [B, T, 2HN + HP] before the convs, a [B, T, H], b [B, T, H], gate [B, T, H, P]): the six input
+        projections as one matmul over their concatenated columns."""
+        H, N, P = self.sizes
+        D = x_BTD.shape[-1]
+        w = jnp.concatenate([w[...].reshape(D, -1) for w in (self.w_q, self.w_k, self.w_v, self.w_g, self.w_a, self.w_b)], 1)
+        h = jnp.einsum("btd,de->bte", x_BTD.astype(self.dtype), w.astype(self.dtype))
+        qkv, gate, a, b = jnp.split(h, [2 * H * N + H * P, 2 * H * N + 2 * H * P, 2 * H * N + 2 * H * P + H], axis=-1)
+        return qkv, a, b, gate.reshape(*gate.shape[:2], H, P)
 
-    def _convolve(self, pre_conv: dict, *, segment_ids_BT=None, history: dict | None = None) -> dict:
-        weights = {"q": self.conv_q, "k": self.conv_k, "v": self.conv_v}
-        return {name: jax.nn.silu(causal_conv(a, weights[name][...], segment_ids_BT=segment_ids_BT,
-                                              history=None if history is None else history[name]))
-                for name, a in pre_conv.items()}
+    def _convolve(self, qkv, *, segment_ids_BT=None, history=None):
+        """silu(causal_conv(.)) of q, k and v as one depthwise conv over their channels (each filter its own)."""
+        W = self.conv_q.shape[0]
+        w = jnp.concatenate([c[...].reshape(W, -1) for c in (self.conv_q, self.conv_k, self.conv_v)], axis=1)
+        return jax.nn.silu(causal_conv(qkv, w, segment_ids_BT=segment_ids_BT, history=history))
 
-    def rule_inputs(self, conv: dict, a_BTH, b_BTH):
-        """(q, k, v, beta, log decay) of the delta rule."""
-        q = l2_normalize(conv["q"]) * conv["q"].shape[-1] ** -0.5
+    def rule_inputs(self, qkv, a_BTH, b_BTH):
+        """(q, k, v, beta, log decay) of the delta rule, from the convs' output."""
+        H, N, P = self.sizes
+        B, T = qkv.shape[:2]
+        q, k, v = jnp.split(qkv, [H * N, 2 * H * N], axis=-1)
+        q = l2_normalize(q.reshape(B, T, H, N)) * N**-0.5
         g = -jnp.exp(self.A_log[...].astype(F32)) * jax.nn.softplus(a_BTH.astype(F32) + self.dt_bias[...].astype(F32))
-        return q, l2_normalize(conv["k"]), conv["v"].astype(F32), jax.nn.sigmoid(b_BTH.astype(F32)), g
+        return q, l2_normalize(k.reshape(B, T, H, N)), v.reshape(B, T, H, P).astype(F32), jax.nn.sigmoid(b_BTH.astype(F32)), g
 
     def _out(self, y_BTHP, gate_BTHP):
         y = gated_rms_norm(y_BTHP, gate_BTHP, self.norm[...], self.eps, norm_before_gate=True)
         return jnp.einsum("bthp,hpd->btd", y.astype(self.dtype), self.w_o[...].astype(self.dtype))
 
     def __call__(self, x_BTD, ctx: LayerContext):
-        pre_conv, a, b, gate = self._project(x_BTD)
-        conv = self._convolve(pre_conv, segment_ids_BT=ctx.segment_ids_BT)
-        y, _ = chunked(*self.rule_inputs(conv, a, b), chunk_size=self.chunk_size, segment_ids_BT=ctx.segment_ids_BT)
+        qkv, a, b, gate = self._project(x_BTD)
+        qkv = self._convolve(qkv, segment_ids_BT=ctx.segment_ids_BT)
+        y, _ = chunked(*self.rule_inputs(qkv, a, b), chunk_size=self.chunk_size, segment_ids_BT=ctx.segment_ids_BT)
         return self._out(y, gate)
 
     @classmethod
     def init_state(cls, cfg, batch: int, max_len: int, dtype):
         H, N, P = gdn_sizes(cfg)
-        W = cfg.conv_kernel
         return {"delta": jnp.zeros((batch, H, P, N), F32),  # fp32 whatever the compute dtype
-                "conv": {"q": jnp.zeros((batch, W - 1, H, N), dtype), "k": jnp.zeros((batch, W - 1, H, N), dtype),
-                         "v": jnp.zeros((batch, W - 1, H, P), dtype)}}
+                "conv": jnp.zeros((batch, cfg.conv_kernel - 1, 2 * H * N + H * P), dtype)}
 
     def prefill(self, x_BTD, ctx: LayerContext, state, i):
         """Chunked over right-padded prompts; padding gets beta = 0 and g = 0, leaving the state as it was."""
         pre_conv, a, b, gate = self._project(x_BTD)
-        conv = self._convolve(pre_conv)
-        q, k, v, beta, g = self.rule_inputs(conv, a, b)
+        q, k, v, beta, g = self.rule_inputs(self._convolve(pre_conv), a, b)
         valid = ctx.valid_BT[..., None]
         y, delta = chunked(q, k, v, jnp.where(valid, beta, 0.0), jnp.where(valid, g, 0.0), chunk_size=self.chunk_size)
-        history = {name: history_at(x, ctx.lengths_B, self.conv_q.shape[0]) for name, x in pre_conv.items()}
+        history = history_at(pre_conv, ctx.lengths_B, self.conv_q.shape[0])
         return self._out(y, gate), la.write_state(state, i, {"delta": delta, "conv": history})
 
     def decode(self, x_BTD, ctx: LayerContext, state, i):
         pre_conv, a, b, gate = self._project(x_BTD)
         own = la.read_state(state, i)
-        conv = self._convolve(pre_conv, history=own["conv"])
-        y, delta = recurrent(*self.rule_inputs(conv, a, b), valid_BT=ctx.valid_BT, state_BHPN=own["delta"])
-        history = {name: next_history(own["conv"][name], x, ctx.valid_BT) for name, x in pre_conv.items()}
+        qkv = self._convolve(pre_conv, history=own["conv"])
+        y, delta = recurrent(*self.rule_inputs(qkv, a, b), valid_BT=ctx.valid_BT, state_BHPN=own["delta"])
+        history = next_history(own["conv"], pre_conv, ctx.valid_BT)
         return self._out(y, gate), la.write_state(state, i, {"delta": delta, "conv": history})

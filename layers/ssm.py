@@ -1,7 +1,7 @@
 """The Mamba2 block (Dao & Gu 2024, "Transformers are SSMs"), registered as the mixer "mamba2".
 
-    z, x, B, C, dt_raw = x_in W_z, x_in W_x, x_in W_B, x_in W_C, x_in W_dt      (one in_proj in the official code)
-    x, B, C = silu(causal_conv(x)), silu(causal_conv(B)), silu(causal_conv(C))  (one depthwise conv over [x, B, C])
+    [z, x, B, C, dt_raw] = x_in W_in                    (one in_proj, split; E, E, N, N, H columns)
+    [x, B, C] = silu(causal_conv([x, B, C]))            (one depthwise conv over the E + 2N channels)
     dt = softplus(dt_raw + dt_bias)  [B, T, H]     A = -exp(A_log)  [H]
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T     h: [P, N] per head; B, C: [N], shared by all heads (1 group)
     y_t = h_t C_t + D x_t
@@ -17,7 +17,7 @@ stored through the inverse softplus as dt_bias; D = 1; conv weights and bias PyT
 projections at the skeleton's normal(init_std) (the output projection at out_init_std, as every residual
 writer here). A_log, dt_bias and D are never weight-decayed (`no_decay=True`), as in the official code.
 
-Decode state: the SSM state [B, H, P, N] (fp32) and the conv's last W - 1 inputs of x, B and C.
+Decode state: the SSM state [B, H, P, N] (fp32) and the conv's last W - 1 inputs [B, W - 1, E + 2N].
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ def mamba2_sizes(cfg) -> tuple[int, int, int, int]:
 
 @register_mixer("mamba2")
 class Mamba2(Layer):
+    """Parameters in the official layout, so its weights load unchanged: in_proj [D, 2E + 2N + H] holding
+    [z, x, B, C, dt_raw] (one matmul), one depthwise conv1d over the E + 2N channels [x, B, C], out_proj."""
+
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         require_fields(cfg, *FIELDS, mixer="mamba2")
         E, H, P, N = mamba2_sizes(cfg)
@@ -78,29 +81,21 @@ class Mamba2(Layer):
             raise ValueError(f"mamba2: model.expand * model.d_model = {E} is not a multiple of model.ssm_head_dim={P}")
         D, W = cfg.d_model, cfg.conv_kernel
         param_dtype = jnp.dtype(cfg.param_dtype)
-        self.dtype, self.chunk_size, self.eps = jnp.dtype(cfg.dtype), cfg.chunk_size, cfg.norm_eps
+        self.sizes, self.dtype, self.chunk_size, self.eps = (E, H, P, N), jnp.dtype(cfg.dtype), cfg.chunk_size, cfg.norm_eps
 
         def param(init, shape, axes, **meta):
             return nnx.Param(logical_init(init, axes)(rngs.params(), shape, param_dtype), **meta)
 
-        self.w_z = la.projection(rngs, cfg, (D, H, P), ("embed", "heads", "head_dim"))
-        self.w_x = la.projection(rngs, cfg, (D, H, P), ("embed", "heads", "head_dim"))
-        self.w_b = la.projection(rngs, cfg, (D, N), ("embed", None))
-        self.w_c = la.projection(rngs, cfg, (D, N), ("embed", None))
-        self.w_dt = la.projection(rngs, cfg, (D, H), ("embed", "heads"))
-        self.conv_x = conv_weight(rngs, W, (H, P), ("heads", "head_dim"), param_dtype)
-        self.conv_b = conv_weight(rngs, W, (N,), (None,), param_dtype)
-        self.conv_c = conv_weight(rngs, W, (N,), (None,), param_dtype)
+        self.in_proj = la.projection(rngs, cfg, (D, 2 * E + 2 * N + H), ("embed", None))
+        self.conv = conv_weight(rngs, W, (E + 2 * N,), (None,), param_dtype)
         bias_bound = 1 / math.sqrt(W)  # Conv1d's default bias init, like its weight
         bias = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bias_bound, bias_bound)  # noqa: E731
-        self.conv_x_bias = param(bias, (H, P), ("heads", "head_dim"), no_decay=True)
-        self.conv_b_bias = param(bias, (N,), (None,), no_decay=True)
-        self.conv_c_bias = param(bias, (N,), (None,), no_decay=True)
+        self.conv_bias = param(bias, (E + 2 * N,), (None,), no_decay=True)
         self.A_log = param(a_log_init, (H,), ("heads",), no_decay=True)
         self.dt_bias = param(dt_bias_init, (H,), ("heads",), no_decay=True)
         self.D = param(nnx.initializers.ones, (H,), ("heads",), no_decay=True)
-        self.norm = param(nnx.initializers.ones, (H, P), ("heads", "head_dim"), no_decay=True)
-        self.w_out = la.projection(rngs, cfg, (H, P, D), ("heads", "head_dim", "embed"), out=True)
+        self.norm = param(nnx.initializers.ones, (E,), ("mlp",), no_decay=True)
+        self.out_proj = la.projection(rngs, cfg, (E, D), ("mlp", "embed"), out=True)
 
     @classmethod
     def param_count(cls, cfg) -> int:
@@ -118,68 +113,63 @@ class Mamba2(Layer):
         matmuls = D * (2 * E + 2 * N + H) + E * D
         return 2 * matmuls + 2 * W * (E + 2 * N) + la.chunked_flops(cfg.chunk_size, seq_len, K=1, H=H, N=N, P=P)
 
-    # The block, in three parts that the full forward, prefill and decode share.
+    # The block, in parts that the full forward, prefill and decode share.
 
     def _project(self, x_BTD):
-        dt = self.dtype
-        x_BTD = x_BTD.astype(dt)
-        proj = lambda eq, w: jnp.einsum(eq, x_BTD, w[...].astype(dt))  # noqa: E731
-        z_BTHP, x_BTHP = proj("btd,dhp->bthp", self.w_z), proj("btd,dhp->bthp", self.w_x)
-        b_BTN, c_BTN = proj("btd,dn->btn", self.w_b), proj("btd,dn->btn", self.w_c)
-        return z_BTHP, {"x": x_BTHP, "b": b_BTN, "c": c_BTN}, proj("btd,dh->bth", self.w_dt)
+        """-> (z [B, T, E], xBC [B, T, E + 2N] before the conv, dt_raw [B, T, H])."""
+        E, H, P, N = self.sizes
+        h = jnp.einsum("btd,de->bte", x_BTD.astype(self.dtype), self.in_proj[...].astype(self.dtype))
+        return h[..., :E], h[..., E : 2 * E + 2 * N], h[..., 2 * E + 2 * N :]
 
-    def _convolve(self, pre_conv: dict, *, segment_ids_BT=None, history: dict | None = None) -> dict:
-        weights = {"x": (self.conv_x, self.conv_x_bias), "b": (self.conv_b, self.conv_b_bias), "c": (self.conv_c, self.conv_c_bias)}
-        return {name: jax.nn.silu(causal_conv(a, weights[name][0][...], weights[name][1][...], segment_ids_BT=segment_ids_BT,
-                                              history=None if history is None else history[name]))
-                for name, a in pre_conv.items()}
+    def _convolve(self, xbc, *, segment_ids_BT=None, history=None):
+        return jax.nn.silu(causal_conv(xbc, self.conv[...], self.conv_bias[...], segment_ids_BT=segment_ids_BT, history=history))
 
-    def ssm_inputs(self, conv: dict, dt_raw_BTH):
-        """(q = C, k = B, v = dt x, log decay = dt A) of the scalar-gated recurrence."""
+    def ssm_inputs(self, xbc, dt_raw_BTH):
+        """(q = C, k = B, v = dt x, log decay = dt A) of the scalar-gated recurrence, from the conv's output."""
+        E, H, P, N = self.sizes
+        x_BTHP = xbc[..., :E].reshape(*xbc.shape[:2], H, P).astype(jnp.float32)
+        b_BT1N, c_BT1N = xbc[..., None, E : E + N], xbc[..., None, E + N :]  # one group of B, C for all heads
         dt_BTH = jax.nn.softplus(dt_raw_BTH.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
         A_H = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        v_BTHP = conv["x"].astype(jnp.float32) * dt_BTH[..., None]
-        return conv["c"][:, :, None], conv["b"][:, :, None], v_BTHP, dt_BTH * A_H  # q, k: one group [B, T, 1, N]
+        return c_BT1N, b_BT1N, x_BTHP * dt_BTH[..., None], dt_BTH * A_H
 
-    def _out(self, y_BTHP, conv: dict, z_BTHP):
-        y_BTHP = y_BTHP + self.D[...].astype(jnp.float32)[:, None] * conv["x"].astype(jnp.float32)
-        B, T, H, P = y_BTHP.shape
-        y = gated_rms_norm(y_BTHP.reshape(B, T, H * P), z_BTHP.reshape(B, T, H * P), self.norm[...].reshape(H * P), self.eps,
-                           norm_before_gate=False)
-        return jnp.einsum("bthp,hpd->btd", y.reshape(B, T, H, P).astype(self.dtype), self.w_out[...].astype(self.dtype))
+    def _out(self, y_BTHP, xbc, z_BTE):
+        E, H, P, N = self.sizes
+        x_BTHP = xbc[..., :E].reshape(y_BTHP.shape).astype(jnp.float32)
+        y_BTHP = y_BTHP + self.D[...].astype(jnp.float32)[:, None] * x_BTHP
+        y_BTE = gated_rms_norm(y_BTHP.reshape(z_BTE.shape), z_BTE, self.norm[...], self.eps, norm_before_gate=False)
+        return jnp.einsum("bte,ed->btd", y_BTE.astype(self.dtype), self.out_proj[...].astype(self.dtype))
 
     def __call__(self, x_BTD, ctx: LayerContext):
-        z, pre_conv, dt_raw = self._project(x_BTD)
-        conv = self._convolve(pre_conv, segment_ids_BT=ctx.segment_ids_BT)
-        y, _ = la.chunked(*self.ssm_inputs(conv, dt_raw), chunk_size=self.chunk_size, segment_ids_BT=ctx.segment_ids_BT)
-        return self._out(y, conv, z)
+        z, xbc, dt_raw = self._project(x_BTD)
+        xbc = self._convolve(xbc, segment_ids_BT=ctx.segment_ids_BT)
+        y, _ = la.chunked(*self.ssm_inputs(xbc, dt_raw), chunk_size=self.chunk_size, segment_ids_BT=ctx.segment_ids_BT)
+        return self._out(y, xbc, z)
 
     # Decoding.
 
     @classmethod
     def init_state(cls, cfg, batch: int, max_len: int, dtype):
         E, H, P, N = mamba2_sizes(cfg)
-        W = cfg.conv_kernel
         return {"ssm": jnp.zeros((batch, H, P, N), jnp.float32),  # fp32 whatever the compute dtype
-                "conv": {"x": jnp.zeros((batch, W - 1, H, P), dtype), "b": jnp.zeros((batch, W - 1, N), dtype),
-                         "c": jnp.zeros((batch, W - 1, N), dtype)}}
+                "conv": jnp.zeros((batch, cfg.conv_kernel - 1, E + 2 * N), dtype)}
 
     def prefill(self, x_BTD, ctx: LayerContext, state, i):
         """The chunked form over right-padded prompts; padding neither writes (k = 0) nor decays (g = 0)
         the state, so each row's state stops at its own length."""
         z, pre_conv, dt_raw = self._project(x_BTD)
-        conv = self._convolve(pre_conv)
-        q, k, v, g = self.ssm_inputs(conv, dt_raw)
+        xbc = self._convolve(pre_conv)
+        q, k, v, g = self.ssm_inputs(xbc, dt_raw)
         valid = ctx.valid_BT
         k, g = jnp.where(valid[:, :, None, None], k, 0.0), jnp.where(valid[:, :, None], g, 0.0)
         y, ssm = la.chunked(q, k, v, g, chunk_size=self.chunk_size)
-        history = {name: history_at(a, ctx.lengths_B, self.conv_x.shape[0]) for name, a in pre_conv.items()}
-        return self._out(y, conv, z), la.write_state(state, i, {"ssm": ssm, "conv": history})
+        history = history_at(pre_conv, ctx.lengths_B, self.conv.shape[0])
+        return self._out(y, xbc, z), la.write_state(state, i, {"ssm": ssm, "conv": history})
 
     def decode(self, x_BTD, ctx: LayerContext, state, i):
         z, pre_conv, dt_raw = self._project(x_BTD)
         own = la.read_state(state, i)
-        conv = self._convolve(pre_conv, history=own["conv"])
-        y, ssm = la.recurrent(*self.ssm_inputs(conv, dt_raw), valid_BT=ctx.valid_BT, state_BHPN=own["ssm"])
-        history = {name: next_history(own["conv"][name], a, ctx.valid_BT) for name, a in pre_conv.items()}
-        return self._out(y, conv, z), la.write_state(state, i, {"ssm": ssm, "conv": history})
+        xbc = self._convolve(pre_conv, history=own["conv"])
+        y, ssm = la.recurrent(*self.ssm_inputs(xbc, dt_raw), valid_BT=ctx.valid_BT, state_BHPN=own["ssm"])
+        history = next_history(own["conv"], pre_conv, ctx.valid_BT)
+        return self._out(y, xbc, z), la.write_state(state, i, {"ssm": ssm, "conv": history})

@@ -29,10 +29,10 @@ VARIANTS = {  # `effax train experiments/hybrid/hybrid.py --variants`
     "gdn": "gated DeltaNet + full attention 3:1, SwiGLU in each; 4 layers",
     "based": "Based: gated convolutions, Taylor linear attention (feature dim 16), sliding window 64; 5 layers",
     "attn": "the attention baseline on the same skeleton (dense Llama block), 4 layers",
-    "smoke-mamba2": "Mamba2, d_model 32, 2 layers, 10 steps of 8 × 64 bytes: seconds; the tests run it",
-    "smoke-gdn": "GDN + attention 3:1, d_model 32, 4 layers, 10 steps: seconds; the tests run it",
-    "smoke-based": "Based's pattern, d_model 32, 5 layers, 10 steps: seconds; the tests run it",
-    "smoke-samba": "Samba, d_model 32, 2 layers, 10 steps: seconds; the tests run it",
+    "smoke-mamba2": "2 Mamba2 layers, d_model 32, 10 steps of 8 × 64 bytes: seconds; the tests run it",
+    "smoke-gdn": "GDN then attention (the preset's layer types once each), d_model 32, 10 steps; the tests run it",
+    "smoke-based": "gated conv, Based, sliding window (Based's layer types once each), d_model 32, 10 steps; the tests run it",
+    "smoke-samba": "Mamba2 then sliding window, d_model 32, 10 steps; the tests run it",
 }
 ARCHS = ("attn", "mamba2", "samba", "gdn", "based")  # the architectures of the comparison, in sweep order
 DEPTH = {"attn": 4, "mamba2": 8, "samba": 4, "gdn": 4, "based": 5}  # layers (Mamba2 layers have no MLP)
@@ -61,10 +61,11 @@ def get_config(variant: str | None = None) -> Config:
         return cfg
     if variant in ARCHS:
         return dataclasses.replace(cfg, model=model(variant, 256))
-    if variant.startswith("smoke-") and variant in VARIANTS:
+    if variant.startswith("smoke-") and variant in VARIANTS:  # the preset's layer types once each: compiles stay small
         arch = variant.removeprefix("smoke-")
-        tiny = model(arch, 32, n_layers=len(PRESETS[arch]["pattern"]) if arch != "mamba2" else 2, n_heads=4,
-                     ssm_state=16, ssm_head_dim=16, chunk_size=16, feature_dim=4, **({"sliding_window": 16} if arch in WINDOWS else {}))
+        layer_types = tuple(dict.fromkeys(PRESETS[arch]["pattern"]))
+        tiny = model(arch, 32, pattern=layer_types, n_layers=max(2, len(layer_types)), n_heads=4, ssm_state=16,
+                     ssm_head_dim=16, chunk_size=16, feature_dim=4, **({"sliding_window": 16} if arch in WINDOWS else {}))
         return dataclasses.replace(
             cfg, model=tiny, data=dataclasses.replace(cfg.data, seq_len=64),
             train=dataclasses.replace(cfg.train, steps=10, batch_size=8, log_every=1),

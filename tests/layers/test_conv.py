@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recurrent_testing import SEGMENTS, build, causal_conv, close, inputs, params, run, silu
+from recurrent_testing import SEGMENTS, causal_conv, close, fast, outputs, params, silu
 from effax.layers import conv
 
 
+@fast
 @jax.jit
 def _conv_cases(x, w, seg):
     """causal_conv with and without segment ids, continued from a history, and the history helpers."""
@@ -37,12 +38,10 @@ def test_taps_resets_and_history():
 
 def test_gated_conv_block_follows_based():
     """y = (silu(conv(x W_u + b_u)) * (x W_g + b_g)) W_out + b_out, with a bias-free depthwise filter."""
-    layer = build(conv.GatedConv)
-    x = inputs()
-    got = run(layer, x, SEGMENTS)
-    p = params(layer)
+    x, got = outputs()
+    p = params("gated_conv")
     for b in range(2):
         h = x[b].astype(np.float64) @ p["w_in"].reshape(x.shape[-1], -1)
         u, gate = np.split(h + p["b_in"].reshape(-1), 2, axis=-1)
         want = (silu(causal_conv(u, p["conv"], None, SEGMENTS[b])) * gate) @ p["w_out"] + p["b_out"]
-        close(got[b], want)
+        close(got["gated_conv"][b], want)

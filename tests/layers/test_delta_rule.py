@@ -2,15 +2,13 @@
 forward and gradients, with packed documents and partial chunks; a hand-computed delta-rule step; the
 block against a float64 loop over the paper's equations."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recurrent_testing import SEGMENTS, TINY, build, causal_conv, close, inputs, new_document, params, rms_norm, run, \
-    sigmoid, silu, softplus
+from recurrent_testing import SEGMENTS, TINY, causal_conv, close, fast, new_document, outputs, params, rms_norm, sigmoid, \
+    silu, softplus
 from effax.layers import delta_rule as dr
 
 
@@ -26,23 +24,27 @@ def rule_inputs(T, *, B=2, H=2, N=5, P=3, seed=0):
 
 
 def segments(T):
-    a, b = T // 3, T // 2
-    return jnp.array([[1] * a + [2] * b + [3] * (T - a - b), [5] * T], jnp.int32)
+    """Row 0: three documents of T // 3, T // 3 and the rest tokens (T = 37, chunk 8: one starts mid-chunk,
+    at 12, one on a chunk boundary, at 24); row 1: one document."""
+    a = T // 3
+    return jnp.array([[1] * a + [2] * a + [3] * (T - 2 * a), [5] * T], jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames="chunk")
 def three_forms(q, k, v, beta, g, seg, *, chunk):
-    return (dr.quadratic(q, k, v, beta, g, segment_ids_BT=seg), dr.recurrent(q, k, v, beta, g, segment_ids_BT=seg),
-            dr.chunked(q, k, v, beta, g, chunk_size=chunk, segment_ids_BT=seg))
+    def forms(q, k, v, beta, g, seg):
+        return (dr.quadratic(q, k, v, beta, g, segment_ids_BT=seg), dr.recurrent(q, k, v, beta, g, segment_ids_BT=seg),
+                dr.chunked(q, k, v, beta, g, chunk_size=chunk, segment_ids_BT=seg))
+
+    return fast(jax.jit(forms))(q, k, v, beta, g, seg)
 
 
 # As for the scalar-gated core (tests/layers/test_linear_attention.py: same tolerance, same reasoning; the
-# triangular solves add ~1e-7). Shapes: T < chunk; a partial last chunk with documents starting mid-chunk;
-# a multiple of the chunk without segment ids.
-@pytest.mark.parametrize("T,chunk,packed", [(3, 4, True), (37, 8, True), (16, 4, False)])
-def test_chunked_equals_recurrent_equals_quadratic(T, chunk, packed):
+# triangular solves add ~1e-7). Shapes: T < chunk; a partial last chunk, with documents starting mid-chunk
+# and on a chunk boundary. The path without segment ids runs in every prefill (tests/models/test_hybrid.py).
+@pytest.mark.parametrize("T,chunk", [(3, 4), (37, 8)])
+def test_chunked_equals_recurrent_equals_quadratic(T, chunk):
     args = rule_inputs(T)
-    want, (y_rec, S_rec), (y_chk, S_chk) = three_forms(*args, segments(T) if packed else None, chunk=chunk)
+    want, (y_rec, S_rec), (y_chk, S_chk) = three_forms(*args, segments(T), chunk=chunk)
     close(y_chk, want)
     close(y_rec, want)
     close(S_chk, S_rec)
@@ -56,7 +58,7 @@ def test_gradients_of_the_chunked_form_equal_the_quadratic_reference():
     chunked = loss(lambda *a: dr.chunked(*a, chunk_size=4, segment_ids_BT=seg)[0])
     quadratic = loss(lambda *a: dr.quadratic(*a, segment_ids_BT=seg))
     argnums = (0, 1, 2, 3, 4)
-    grads = jax.jit(lambda *a: (jax.grad(chunked, argnums)(*a), jax.grad(quadratic, argnums)(*a)))
+    grads = fast(jax.jit(lambda *a: (jax.grad(chunked, argnums)(*a), jax.grad(quadratic, argnums)(*a))))
     for got, want in zip(*grads(*args)):
         close(got, want)
 
@@ -70,7 +72,7 @@ def test_a_hand_computed_case():
     k = jnp.array([[[[1.0, 0.0]], [[0.6, 0.8]]]])
     v = jnp.array([[[[2.0]], [[1.0]]]])
     beta, g = jnp.array([[[0.5], [1.0]]]), jnp.log(jnp.array([[[1.0], [0.5]]]))
-    for y, S in jax.jit(lambda *a: (dr.chunked(*a, chunk_size=1), dr.recurrent(*a)))(q, k, v, beta, g):
+    for y, S in fast(jax.jit(lambda *a: (dr.chunked(*a, chunk_size=1), dr.recurrent(*a))))(q, k, v, beta, g):
         np.testing.assert_allclose(np.asarray(y)[0, :, 0, 0], [1.0, 0.92], rtol=1e-6)
         np.testing.assert_allclose(np.asarray(S)[0, 0, 0], [0.92, 0.56], rtol=1e-6)
 
@@ -100,9 +102,7 @@ def gdn_reference(p, x_TD, seg_T, eps):
 
 
 def test_gdn_block_follows_the_paper_equations():
-    layer = build(dr.GatedDeltaNet)
-    x = inputs()
-    got = run(layer, x, SEGMENTS)
-    p = params(layer)
+    x, got = outputs()
+    p = params("gdn")
     for b in range(2):
-        close(got[b], gdn_reference(p, x[b].astype(np.float64), SEGMENTS[b], TINY.norm_eps))
+        close(got["gdn"][b], gdn_reference(p, x[b].astype(np.float64), SEGMENTS[b], TINY.norm_eps))

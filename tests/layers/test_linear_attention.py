@@ -3,7 +3,6 @@ reference, forward and gradients, for lengths that are not a multiple of the chu
 a hand-computed case; and Based (Taylor feature map identity, normalisation, the block against its
 equations)."""
 
-import functools
 import math
 
 import jax
@@ -11,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recurrent_testing import SEGMENTS, T, build, params, run
-from recurrent_testing import inputs as inputs_BTD
+from recurrent_testing import SEGMENTS, T, fast, outputs, params
 from effax.layers import linear_attention as la
 
 # fp32 throughout. The three forms sum the same terms in different orders (chunk products vs token steps
@@ -41,28 +39,30 @@ def inputs(T, *, B=2, K=2, G=2, N=5, P=3, seed=0):
 
 
 def segments(T):
-    """Row 0: documents of T//3, T//2 and the rest tokens; row 1: one document."""
-    a, b = T // 3, T // 2
-    return jnp.array([[1] * a + [2] * b + [3] * (T - a - b), [5] * T], jnp.int32)
+    """Row 0: three documents of T // 3, T // 3 and the rest tokens (T = 37, chunk 8: one starts mid-chunk,
+    at 12, one on a chunk boundary, at 24); row 1: one document."""
+    a = T // 3
+    return jnp.array([[1] * a + [2] * a + [3] * (T - 2 * a), [5] * T], jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames="chunk")
 def three_forms(q, k, v, g, seg, *, chunk):
     """(quadratic y, recurrent (y, state), chunked (y, state)): one compile per shape."""
-    return (la.quadratic(q, k, v, g, segment_ids_BT=seg), la.recurrent(q, k, v, g, segment_ids_BT=seg),
-            la.chunked(q, k, v, g, chunk_size=chunk, segment_ids_BT=seg))
+    def forms(q, k, v, g, seg):
+        return (la.quadratic(q, k, v, g, segment_ids_BT=seg), la.recurrent(q, k, v, g, segment_ids_BT=seg),
+                la.chunked(q, k, v, g, chunk_size=chunk, segment_ids_BT=seg))
+
+    return fast(jax.jit(forms))(q, k, v, g, seg)
 
 
-# (T, chunk, packed): one token (T < chunk); a partial last chunk with documents starting mid-chunk and
-# on a chunk boundary (T // 3 = 12 = 1.5 chunks, T // 3 + T // 2 = 30); a multiple of the chunk without
-# segment ids (the other code path). Row 1 of a packed batch is one document.
-SHAPES = [(1, 4, True), (37, 8, True), (16, 4, False)]
+# (T, chunk): one token (T < chunk); a partial last chunk, with documents starting mid-chunk and on a chunk
+# boundary (`segments`). The path without segment ids runs in every prefill (tests/models/test_hybrid.py).
+SHAPES = [(1, 4), (37, 8)]
 
 
-@pytest.mark.parametrize("T,chunk,packed", SHAPES)
-def test_chunked_equals_recurrent_equals_quadratic(T, chunk, packed):
+@pytest.mark.parametrize("T,chunk", SHAPES)
+def test_chunked_equals_recurrent_equals_quadratic(T, chunk):
     q, k, v, g = inputs(T)
-    want, (y_rec, S_rec), (y_chk, S_chk) = three_forms(q, k, v, g, segments(T) if packed else None, chunk=chunk)
+    want, (y_rec, S_rec), (y_chk, S_chk) = three_forms(q, k, v, g, segments(T), chunk=chunk)
     close(y_chk, want)
     close(y_rec, want)
     close(S_chk, S_rec)  # the state after the last token (the last document only, when packed)
@@ -75,7 +75,7 @@ def test_gradients_of_the_chunked_form_equal_the_quadratic_reference():
     loss = lambda f: lambda *a: jnp.sum(w * f(*a))  # noqa: E731
     chunked = loss(lambda *a: la.chunked(*a, chunk_size=4, segment_ids_BT=seg)[0])
     quadratic = loss(lambda *a: la.quadratic(*a, segment_ids_BT=seg))
-    grads = jax.jit(lambda *a: (jax.grad(chunked, argnums=(0, 1, 2, 3))(*a), jax.grad(quadratic, argnums=(0, 1, 2, 3))(*a)))
+    grads = fast(jax.jit(lambda *a: (jax.grad(chunked, argnums=(0, 1, 2, 3))(*a), jax.grad(quadratic, argnums=(0, 1, 2, 3))(*a))))
     for got, want in zip(*grads(q, k, v, g)):
         close(got, want)
 
@@ -89,7 +89,7 @@ def test_a_hand_computed_case():
     k = jnp.array([[[[1.0, 0.0]], [[0.0, 1.0]], [[1.0, 1.0]]]])
     v = jnp.array([[[[1.0]], [[2.0]], [[3.0]]]])
     g = jnp.log(jnp.array([[[1.0], [0.5], [0.25]]]))
-    for y, S in jax.jit(lambda *a: (la.chunked(*a, chunk_size=2), la.recurrent(*a)))(q, k, v, g):
+    for y, S in fast(jax.jit(lambda *a: (la.chunked(*a, chunk_size=2), la.recurrent(*a))))(q, k, v, g):
         np.testing.assert_allclose(np.asarray(y)[0, :, 0, 0], [1.0, 1.0, 3.5], rtol=1e-6)
         np.testing.assert_allclose(np.asarray(S)[0, 0, 0], [3.125, 3.5], rtol=1e-6)
 
@@ -102,7 +102,7 @@ def test_taylor_features_give_the_second_order_expansion():
     d = 16
     q, k = jnp.asarray(np.random.default_rng(0).standard_normal((2, 2, 5, d)), jnp.float32)
     s = jnp.sum((q / d**0.25) * (k / d**0.25), axis=-1)
-    phi_q, phi_k = jax.jit(lambda q, k: (la.taylor_features(q), la.taylor_features(k)))(q, k)
+    phi_q, phi_k = fast(jax.jit(lambda q, k: (la.taylor_features(q), la.taylor_features(k))))(q, k)
     np.testing.assert_allclose(jnp.sum(phi_q * phi_k, axis=-1), 1 + s + s**2 / 2, rtol=1e-5)
     assert phi_q.shape[-1] == 1 + d + d * d  # 273 for Based's d = 16
 
@@ -110,10 +110,8 @@ def test_taylor_features_give_the_second_order_expansion():
 def test_based_block_follows_its_equations():
     """y_t = sum_{s <= t} w_ts v_s / sum_{s <= t} w_ts with w_ts = 1 + a + a^2 / 2, a = q_t . k_s / sqrt(f),
     within each document, then W_o: written with the kernel directly, not with the feature map."""
-    layer = build(la.Based)
-    x = inputs_BTD()
-    got = run(layer, x, SEGMENTS)
-    p = params(layer)
+    x, got = outputs()
+    p = params("based")
     f = p["q"].shape[-1]
     for b in range(2):
         x_TD = x[b].astype(np.float64)
@@ -123,4 +121,4 @@ def test_based_block_follows_its_equations():
         visible = np.tril(np.ones((T, T), bool)) & (seg[:, None] == seg[None, :])
         w = np.where(visible, 1 + a + a**2 / 2, 0.0)
         y = np.einsum("hts,shp->thp", w, v) / w.sum(-1).T[..., None]
-        close(got[b], np.einsum("thp,hpd->td", y, p["o"]))
+        close(got["based"][b], np.einsum("thp,hpd->td", y, p["o"]))

@@ -13,13 +13,8 @@ from flax import nnx
 
 from effax.models import registry
 from effax.models.dense import Dense, DenseConfig
-from effax.models.hybrid import PRESETS, Hybrid, HybridConfig
-
-# Every recurrent mixer in one 4-layer model: one set of compiles covers them all. Chunks of 4 so that
-# prompts of 3, 11 and 17 tokens end inside a chunk.
-TINY = HybridConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, d_ff=64, init_std=0.2,
-                    pattern=("mamba2", "gdn", "based+none", "gated_conv"), ssm_state=8, ssm_head_dim=16, chunk_size=4,
-                    feature_dim=4, conv_kernel=3)
+from effax.models.hybrid import PRESETS, HybridConfig
+from recurrent_testing import TINY, fast, model  # every recurrent mixer in one 4-layer model: one set of compiles
 
 
 def n_params(cfg) -> int:
@@ -49,7 +44,7 @@ def test_flops_are_the_layers_projections_plus_their_chunked_core():
     for cls in (ssm.Mamba2, delta_rule.GatedDeltaNet, la.Based, conv.GatedConv):
         layer = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
         shapes = {path[0]: v.shape for path, v in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
-        matmul = sum(np.prod(s) for n, s in shapes.items() if n.startswith(("w_", "q", "k", "v", "o")) and len(s) >= 2)
+        matmul = sum(np.prod(s) for n, s in shapes.items() if n.startswith(("w_", "in_proj", "out_proj", "q", "k", "v", "o")) and len(s) >= 2)
         conv_taps = sum(np.prod(s) for n, s in shapes.items() if n.startswith("conv") and not n.endswith("bias"))
         core = cls.flops_per_token(cfg, 100) - 2 * matmul - 2 * conv_taps
         assert core >= 0 and (core > 0) == (cls is not conv.GatedConv), cls
@@ -71,16 +66,15 @@ def test_presets_and_clear_errors():
 
 # --- decoding and packed documents -------------------------------------------------------------------
 
-LENGTHS = (3, 11, 17)  # right-padded prompts of different lengths; 3 < the conv width + 1, 17 > 4 chunks
+LENGTHS = (3, 11, 17)  # right-padded prompts of different lengths, ending inside chunks of 4; 3 < the conv width
 N_STEPS = 6
 
 
 @functools.cache
 def _model():
-    model = Hybrid(TINY, rngs=nnx.Rngs(1))
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda s, t, p, seg: nnx.merge(graphdef, s)(t, positions_BT=p, segment_ids_BT=seg)[0])
-    return model, graphdef, state, forward
+    graphdef, state = nnx.split(model())
+    forward = fast(jax.jit(lambda s, t, p, seg: nnx.merge(graphdef, s)(t, positions_BT=p, segment_ids_BT=seg)[0]))
+    return model(), graphdef, state, forward
 
 
 def test_cached_decoding_equals_the_full_forward():
@@ -96,9 +90,9 @@ def test_cached_decoding_equals_the_full_forward():
     for b, p in enumerate(prompts):
         tokens_BT[b, : len(p)] = p
     cache = model.init_cache(len(LENGTHS), T + N_STEPS)
-    logits_BV, cache = jax.jit(lambda s, t, n, c: nnx.merge(graphdef, s).prefill(t, n, c))(
+    logits_BV, cache = fast(jax.jit(lambda s, t, n, c: nnx.merge(graphdef, s).prefill(t, n, c)))(
         state, jnp.asarray(tokens_BT), jnp.asarray(LENGTHS), cache)
-    decode = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode_step(t, c))
+    decode = fast(jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode_step(t, c)))
     steps = [np.asarray(logits_BV)]
     for i in range(N_STEPS):
         logits_BV, cache = decode(state, jnp.asarray(cont[:, i]), cache)
@@ -140,7 +134,8 @@ SMOKES = ("smoke-mamba2", "smoke-gdn", "smoke-based", "smoke-samba")
 
 def test_the_smoke_experiments_learn_on_the_demo_corpus(repo):
     """Each smoke variant of experiments/hybrid/hybrid.py: 10 training steps of the loop's own jitted train
-    step (AdamW, the real data pipeline on the SOTU corpus), on one device to keep compilation small.
+    step (AdamW, the real data pipeline on the SOTU corpus), on one device and compiled as `fast` to keep
+    compilation small.
     The first loss is ~ln(384) = 5.95 (uniform over the byte vocabulary); a model that learns nothing
     (a broken gradient through a mixer) stays there."""
     from effax.train import config as config_lib
@@ -156,9 +151,10 @@ def test_the_smoke_experiments_learn_on_the_demo_corpus(repo):
         trainer = loop.build_trainer(cfg, mesh, rules)
         batches = data_lib.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=0, process_index=0, process_count=1)
         losses = []
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-            state = trainer.init_state()
+        # rbg keys: XLA compiles the threefry generator's init ~3x slower, and the PRNG is not under test.
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), jax.default_prng_impl("rbg"):
+            state, train_step = fast(trainer.init_state)(), fast(trainer.train_step)
             for _ in range(cfg.train.steps):
-                state, metrics = trainer.train_step(state, trainer.to_global(next(batches)))
+                state, metrics = train_step(state, trainer.to_global(next(batches)))
                 losses.append(float(metrics["loss"]))
         assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 1.0, (variant, losses)
