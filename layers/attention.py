@@ -1,13 +1,20 @@
-"""The one attention entry point, its mask type, the test oracle, and the attention mixers.
+"""The one attention entry point, the test oracle, the KV-cache read, and the attention mixers.
 
     out_BTHP = attention(q_BTHP, k_BTKP, v_BTKP, mask=Mask(...), impl="auto")
 
-H query heads share K key/value heads (GQA, H % K == 0; K == H is MHA, K == 1 MQA). Every impl
-honours every `Mask` field or raises: a backend that silently drops segment ids trains on a wrong
-loss (the MaxText bug class named in DESIGN.md).
+H query heads share K key/value heads (GQA, H % K == 0; K == H is MHA, K == 1 MQA). `Mask`
+(layers/masks.py) says which keys each query sees: causal, sliding window, chunks, attention sinks,
+block-sparse patterns, MoA's per-head spans, packed documents. Every impl honours every `Mask` field or
+raises naming it: a backend that silently drops segment ids trains on a wrong loss (the MaxText bug
+class named in DESIGN.md).
+
+impl: "xla" (masked einsum over all T x T pairs, any backend), "blockwise" (flash attention's algorithm
+in plain JAX over the mask's kept blocks only: layers/blockwise.py), "cudnn" (GPU flash attention;
+causal, window and segment ids only), "auto" (`choose_impl`).
 
 Mixers registered here: "attn" (causal, full KV cache) and "swa" (sliding window of
-`model.sliding_window` keys, ring-buffer cache of that many slots).
+`model.sliding_window` keys, ring-buffer cache of that many slots); the sparse masks' mixers are in
+layers/sparse_attention.py, Native Sparse Attention in layers/nsa.py.
 """
 
 from __future__ import annotations
@@ -19,56 +26,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effax.layers.kv_cache import KVState, visible_BTS
+from effax.layers.blockwise import blockwise_attention, default_blocks
+from effax.layers.kv_cache import KVState
+from effax.layers.masks import BlockSparse, Mask, Spans, keys_seen, visible
 from effax.layers.mixer import Layer, LayerContext, register_mixer
 from effax.layers.rope import apply_rope
 from effax.layers.sharding import constrain, logical_init
 
-IMPLS = ("auto", "xla", "cudnn")
-_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row gives a uniform average, not NaN
+__all__ = ["IMPLS", "Mask", "BlockSparse", "Spans", "attention", "choose_impl", "reference_attention", "cache_attention",
+           "Attention", "SlidingWindowAttention"]
 
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Mask:
-    """Which keys each query may see (self-attention: queries and keys are the same T tokens).
-
-    Query i sees key j iff all of:
-      causal:        j <= i
-      window = W:    i - j < W  (W keys counting itself; HF Mistral/Gemma `sliding_window`;
-                     jax.nn.dot_product_attention's local_window_size=(W - 1, 0))
-      segment_ids_BT: seg[b, i] == seg[b, j]  (packed documents never see each other)
-
-    Extending: add a field (e.g. a block-sparse block mask, per-head spans `span_H`), honour it in
-    `reference_attention` and `allowed_BTS` (a per-head field makes it [B, H, T, S]), and make each
-    impl either honour it or raise NotImplementedError naming it (see `_cudnn_attention`). Static
-    fields go in the pytree meta fields, arrays in the data fields.
-    """
-
-    causal: bool = True
-    window: int | None = None
-    segment_ids_BT: jax.Array | None = None
-
-    def __post_init__(self):
-        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
-            raise ValueError(f"Mask.window must be a positive int or None, got {self.window!r}")
-
-    def allowed_BTS(self, T: int) -> jax.Array:
-        """Boolean [B or 1, T, T]: True where query t may attend key s."""
-        q_T1 = jnp.arange(T)[:, None]
-        k_1S = jnp.arange(T)[None, :]
-        allowed_TS = jnp.ones((T, T), bool)
-        if self.causal:
-            allowed_TS &= k_1S <= q_T1
-        if self.window is not None:
-            allowed_TS &= q_T1 - k_1S < self.window
-        allowed_BTS = allowed_TS[None]
-        if self.segment_ids_BT is not None:
-            seg = self.segment_ids_BT
-            allowed_BTS = allowed_BTS & (seg[:, :, None] == seg[:, None, :])
-        return allowed_BTS
-
-
-jax.tree_util.register_dataclass(Mask, data_fields=["segment_ids_BT"], meta_fields=["causal", "window"])
+IMPLS = ("auto", "xla", "blockwise", "cudnn")
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: masked logits stay out of NaN territory
+_CUDNN_REFUSES = ("chunk", "sinks", "block_sparse", "spans")  # Mask fields cuDNN's public API cannot express
 
 
 def _check_shapes(q_BTHP, k_BTKP, v_BTKP, mask: Mask) -> None:
@@ -82,26 +52,51 @@ def _check_shapes(q_BTHP, k_BTKP, v_BTKP, mask: Mask) -> None:
 
 
 def reference_attention(q_BTHP, k_BTKP, v_BTKP, *, mask: Mask, scale: float | None = None) -> jax.Array:
-    """The test oracle: everything in fp32, KV repeated per query head, the mask written out from
-    positions and segment ids independently of `Mask.allowed_BTS`."""
+    """The test oracle: everything in fp32, KV repeated per query head, every pair of T x T computed, and
+    the mask written out here, field by field, from document offsets it derives itself (not through
+    `masks.visible`). A row that sees no key outputs zeros."""
     _check_shapes(q_BTHP, k_BTKP, v_BTKP, mask)
     B, T, H, P = q_BTHP.shape
     G = H // k_BTKP.shape[2]
     q, k, v = (a.astype(jnp.float32) for a in (q_BTHP, k_BTKP, v_BTKP))
     k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)  # query head h uses kv head h // G
-    pos_q = jnp.arange(T).reshape(1, 1, T, 1)
-    pos_k = jnp.arange(T).reshape(1, 1, 1, T)
-    visible_BHTS = jnp.full((B, H, T, T), True)
-    if mask.causal:
-        visible_BHTS = visible_BHTS & (pos_k <= pos_q)
-    if mask.window is not None:
-        visible_BHTS = visible_BHTS & (pos_q - pos_k < mask.window)
-    if mask.segment_ids_BT is not None:
+    index_T = jnp.arange(T)
+    if mask.segment_ids_BT is None:
+        offset_BT = jnp.broadcast_to(index_T, (B, T))
+    else:  # distance to the latest document start at or before each token
         seg = mask.segment_ids_BT
-        visible_BHTS = visible_BHTS & (seg[:, None, :, None] == seg[:, None, None, :])
+        starts_BT = jnp.concatenate([jnp.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+        earlier_TT = index_T[None, :] <= index_T[:, None]
+        offset_BT = index_T - jnp.max(jnp.where(earlier_TT[None] & starts_BT[:, None, :], index_T, 0), axis=-1)
+    i = offset_BT[:, None, :, None]  # [B, 1, T, 1]
+    j = offset_BT[:, None, None, :]
+    seen_BHTS = jnp.full((B, H, T, T), True)
+    if mask.causal:
+        seen_BHTS &= j <= i
+    local = jnp.full((B, H, T, T), True)
+    if mask.window is not None:
+        local &= i - j < mask.window
+    if mask.chunk is not None:
+        local &= i // mask.chunk == j // mask.chunk
+    if mask.spans is not None:
+        alpha, beta = (jnp.asarray(x, jnp.float32)[mask.layer][None, :, None, None] for x in (mask.spans.alpha, mask.spans.beta))
+        local &= (i - j).astype(jnp.float32) < alpha + beta * (i + 1).astype(jnp.float32)  # exact: beta on a 1/1024 grid
+    if mask.block_sparse is not None:
+        bs = mask.block_sparse
+        bi, bj = i // bs.block_size, j // bs.block_size
+        blocks = jnp.abs(bi - bj) < bs.local_blocks
+        blocks |= (bj < bs.global_blocks) | ((bi < bs.global_blocks) & (not mask.causal))
+        if bs.stride_blocks:
+            blocks |= (bi - bj) % bs.stride_blocks == 0
+        local &= blocks
+    seen_BHTS &= local | (j < mask.sinks)
+    if mask.segment_ids_BT is not None:
+        seen_BHTS &= seg[:, None, :, None] == seg[:, None, None, :]
     scale = 1 / math.sqrt(P) if scale is None else scale
     logits = jnp.einsum("bthd,bshd->bhts", q, k) * scale
-    probs = jax.nn.softmax(jnp.where(visible_BHTS, logits, -jnp.inf), axis=-1)
+    any_BHT1 = seen_BHTS.any(-1, keepdims=True)
+    logits = jnp.where(seen_BHTS & any_BHT1, logits, jnp.where(any_BHT1, -jnp.inf, 0.0))  # an empty row: no NaN
+    probs = jnp.where(seen_BHTS, jax.nn.softmax(logits, axis=-1), 0.0)
     return jnp.einsum("bhts,bshd->bthd", probs, v).astype(q_BTHP.dtype)
 
 
@@ -115,9 +110,15 @@ def _xla_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float) -> jax.Arra
     k_BKSP = k_BTKP.transpose(0, 2, 1, 3)
     v_BKSP = v_BTKP.transpose(0, 2, 1, 3)
     logits_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTP, k_BKSP, preferred_element_type=jnp.float32) * scale
-    allowed_B11TS = mask.allowed_BTS(T)[:, None, None]
-    probs_BKGTS = jax.nn.softmax(jnp.where(allowed_B11TS, logits_BKGTS, _NEG), axis=-1)
+    if mask.spans is None:
+        allowed_BKGTS = mask.allowed_BTS(T)[:, None, None]
+    else:
+        allowed_BHTS = mask.allowed_BHTS(T, H)
+        allowed_BKGTS = allowed_BHTS.reshape(allowed_BHTS.shape[0], K, H // K, T, T)
+    probs_BKGTS = jax.nn.softmax(jnp.where(allowed_BKGTS, logits_BKGTS, _NEG), axis=-1)
     out_BKGTP = jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS.astype(v_BTKP.dtype), v_BKSP, preferred_element_type=jnp.float32)
+    if mask.spans is not None:  # only spans can leave a row without keys (span < 1 token): zeros, as in every impl
+        out_BKGTP = jnp.where(allowed_BKGTS.any(-1, keepdims=True), out_BKGTP, 0.0)
     return out_BKGTP.transpose(0, 3, 1, 2, 4).reshape(B, T, H, P).astype(q_BTHP.dtype)
 
 
@@ -135,6 +136,9 @@ def _cudnn_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float) -> jax.Ar
     jax's cuDNN backward refuses odd T (NotImplementedError "Unsupported sequence length"); the
     forward takes it.
     """
+    for name in _CUDNN_REFUSES:
+        if getattr(mask, name):
+            raise NotImplementedError(f"attention impl='cudnn' cannot honour Mask.{name}; use impl='blockwise' or 'xla'")
     if q_BTHP.dtype not in (jnp.bfloat16, jnp.float16):
         raise NotImplementedError(f"attention impl='cudnn' takes bfloat16/float16 inputs, got {q_BTHP.dtype}; use impl='xla'")
     if mask.window is not None and not mask.causal:
@@ -171,21 +175,32 @@ def _cudnn_ok(q_BTHP, mask: Mask) -> bool:
         and P <= 128
         and T % 2 == 0
         and (mask.window is None or mask.causal)
+        and not any(getattr(mask, name) for name in _CUDNN_REFUSES)
     )
 
 
-def attention(q_BTHP, k_BTKP, v_BTKP, *, mask: Mask, impl: str = "auto", scale: float | None = None) -> jax.Array:
-    """softmax(q k^T * scale + mask) v per head; scale defaults to 1/sqrt(P). Output in q's dtype.
+def choose_impl(q_BTHP, mask: Mask) -> str:
+    """impl='auto': cuDNN where it honours the call (`_cudnn_ok`); on CPU the blockwise path once T spans
+    more than one block (below that there is nothing to skip, and the masked einsum compiles faster);
+    otherwise the masked einsum. On GPU without cuDNN and on TPU the masked einsum stays the choice:
+    the blockwise path is unmeasured there (docs/benchmarks.md)."""
+    if _cudnn_ok(q_BTHP, mask):
+        return "cudnn"
+    if jax.default_backend() == "cpu" and q_BTHP.shape[1] > default_blocks(q_BTHP.shape[1])[0]:
+        return "blockwise"
+    return "xla"
 
-    impl: "xla" (masked einsum, any backend), "cudnn" (GPU flash attention; raises for what it cannot
-    honour), "auto" (cudnn when `_cudnn_ok`, else xla).
-    """
+
+def attention(q_BTHP, k_BTKP, v_BTKP, *, mask: Mask, impl: str = "auto", scale: float | None = None) -> jax.Array:
+    """softmax(q k^T * scale + mask) v per head; scale defaults to 1/sqrt(P). Output in q's dtype."""
     _check_shapes(q_BTHP, k_BTKP, v_BTKP, mask)
     scale = 1 / math.sqrt(q_BTHP.shape[-1]) if scale is None else scale
     if impl == "auto":
-        impl = "cudnn" if _cudnn_ok(q_BTHP, mask) else "xla"
+        impl = choose_impl(q_BTHP, mask)
     if impl == "xla":
         return _xla_attention(q_BTHP, k_BTKP, v_BTKP, mask, scale)
+    if impl == "blockwise":
+        return blockwise_attention(q_BTHP, k_BTKP, v_BTKP, mask=mask, scale=scale)
     if impl == "cudnn":
         return _cudnn_attention(q_BTHP, k_BTKP, v_BTKP, mask, scale)
     raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
@@ -196,26 +211,32 @@ def cache_attention(q_BTHP, k_BSKP, v_BSKP, *, q_positions_BT, mask: Mask, scale
     """Queries at absolute positions `q_positions_BT` attend a KV cache whose slot s holds the position
     `slot_positions_BS[b, s]` (-1: empty), by default s itself.
 
-    A slot is visible to a query at position q iff its position is >= 0, <= q and, with a window W,
-    q - position < W: the `Mask` rules with positions in place of indices (layers/kv_cache.py). Segment
-    ids and non-causal masks have no meaning for a cache and raise. Same fp32 numerics and
-    [B, K, G, ., .] layout as `_xla_attention`; a single query row makes it memory-bound, so a fused
-    decode kernel (jax.experimental.pallas.ops gpu decode_attention) is the lever on GPU.
+    A slot is visible to a query at position q iff its position is >= 0 and the `Mask` rule holds with
+    positions in place of offsets (one document per row; layers/kv_cache.py). Segment ids and
+    non-causal masks have no meaning for a cache and raise. Same fp32 numerics and [B, K, G, ., .]
+    layout as `_xla_attention`; a single query row makes it memory-bound, so a fused decode kernel
+    (jax.experimental.pallas.ops gpu decode_attention) is the lever on GPU.
     """
     if not mask.causal or mask.segment_ids_BT is not None:
-        raise NotImplementedError("cache_attention: a KV cache takes only causal masks (optionally windowed), no segment ids")
+        raise NotImplementedError("cache_attention: a KV cache takes only causal masks, no segment ids")
     B, T, H, P = q_BTHP.shape
     S, K = k_BSKP.shape[1], k_BSKP.shape[2]
+    G = H // K
     scale = 1 / math.sqrt(P) if scale is None else scale
     if slot_positions_BS is None:
         slot_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    q_BKGTP = q_BTHP.reshape(B, T, K, H // K, P).transpose(0, 2, 3, 1, 4)
+    q_BKGTP = q_BTHP.reshape(B, T, K, G, P).transpose(0, 2, 3, 1, 4)
     k_BKSP = k_BSKP.transpose(0, 2, 1, 3)
     v_BKSP = v_BSKP.transpose(0, 2, 1, 3)
     logits_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTP, k_BKSP, preferred_element_type=jnp.float32) * scale
-    allowed_BTS = visible_BTS(slot_positions_BS, q_positions_BT, mask.window)
-    probs_BKGTS = jax.nn.softmax(jnp.where(allowed_BTS[:, None, None], logits_BKGTS, _NEG), axis=-1)
+    span = None
+    if mask.spans is not None:
+        span = tuple(u.reshape(1, K, G, 1, 1) for u in mask.spans_H())
+    slot_B11S = slot_positions_BS[:, None, None, None, :]
+    allowed_BKGTS = (slot_B11S >= 0) & visible(mask, q_positions_BT[:, None, None, :, None], slot_B11S, span=span)
+    probs_BKGTS = jax.nn.softmax(jnp.where(allowed_BKGTS, logits_BKGTS, _NEG), axis=-1)
     out_BKGTP = jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS.astype(v_BSKP.dtype), v_BKSP, preferred_element_type=jnp.float32)
+    out_BKGTP = jnp.where(allowed_BKGTS.any(-1, keepdims=True), out_BKGTP, 0.0)  # a query that sees nothing: zeros
     return out_BKGTP.transpose(0, 3, 1, 2, 4).reshape(B, T, H, P).astype(q_BTHP.dtype)
 
 
@@ -226,12 +247,20 @@ class Attention(Layer):
     Sizes from the model config: d_model, n_heads, kv_heads, dim_per_head, rope_theta, attention_impl.
     Kernels keep heads as their own axis (q: [D, H, P], o: [H, P, D]) so the heads axis can be sharded by
     name. The output projection writes into the residual stream, so it starts at `cfg.out_init_std`.
+
+    A subclass is another mask: it overrides `mask(cfg)` (layers/sparse_attention.py), and its training
+    pass, FLOPs and decode cache (full, or sinks + a ring of `Mask.reach` slots) follow from it.
     """
 
     @classmethod
-    def window(cls, cfg) -> int | None:
-        """Keys each query sees, itself included (None: all earlier ones)."""
-        return None
+    def mask(cls, cfg) -> Mask:
+        """The layer's mask from the config: static fields only (segment ids and the layer index are
+        added per call)."""
+        return Mask()
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        cls.mask(cfg)  # a bad value raises, naming its model.* key
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         if cfg.attention_impl not in IMPLS:
@@ -240,7 +269,7 @@ class Attention(Layer):
         if H % K:
             raise ValueError(f"n_heads={H} is not a multiple of n_kv_heads={K}")
         self.rope_theta, self.impl, self.dtype = cfg.rope_theta, cfg.attention_impl, jnp.dtype(cfg.dtype)
-        self.window_size = self.window(cfg)
+        self.mask_static = self.mask(cfg).static  # hashable; a Mask itself is not stored (eq=False)
         param_dtype, normal = jnp.dtype(cfg.param_dtype), nnx.initializers.normal
 
         def kernel(std, shape, axes):
@@ -257,14 +286,16 @@ class Attention(Layer):
 
     @classmethod
     def flops_per_token(cls, cfg, seq_len: int) -> float:
-        """Projections, plus QK^T and AV over every key the window allows (no causal halving: the PaLM /
-        Chinchilla convention, 4 * keys * H * P)."""
-        keys = seq_len if cls.window(cfg) is None else min(seq_len, cls.window(cfg))
-        return 2 * cls.param_count(cfg) + 4 * keys * cfg.n_heads * cfg.dim_per_head
+        """Projections, plus QK^T and AV over every key the mask allows a query at the end of the sequence
+        (no causal halving: the PaLM / Chinchilla convention, 4 * keys * H * P)."""
+        return 2 * cls.param_count(cfg) + 4 * keys_seen(cls.mask(cfg), seq_len) * cfg.n_heads * cfg.dim_per_head
+
+    def call_mask(self, ctx: LayerContext, segment_ids_BT=None) -> Mask:
+        return Mask(*self.mask_static, segment_ids_BT=segment_ids_BT, layer=ctx.layer)
 
     def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
         q_BTHP, k_BTKP, v_BTKP = self.qkv(x_BTD, ctx.positions_BT)
-        mask = Mask(causal=True, window=self.window_size, segment_ids_BT=ctx.segment_ids_BT)
+        mask = self.call_mask(ctx, ctx.segment_ids_BT)
         return self.project_out(attention(q_BTHP, k_BTKP, v_BTKP, mask=mask, impl=self.impl))
 
     def qkv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -285,9 +316,13 @@ class Attention(Layer):
 
     @classmethod
     def init_state(cls, cfg, batch: int, max_len: int, dtype) -> KVState:
-        window = cls.window(cfg)
-        slots = max_len if window is None else min(window, max_len)
-        return KVState.zeros(batch, slots, cfg.kv_heads, cfg.dim_per_head, dtype, ring=window is not None)
+        """Full (max_len slots) unless the mask bounds how far back a query sees: then the anchor tokens
+        (sinks, global blocks) in fixed slots and a ring of `Mask.reach` slots."""
+        mask = cls.mask(cfg)
+        reach = mask.reach(max_len)
+        if reach is None or mask.anchor + reach >= max_len:
+            return KVState.zeros(batch, max_len, cfg.kv_heads, cfg.dim_per_head, dtype, ring=False)
+        return KVState.zeros(batch, mask.anchor + reach, cfg.kv_heads, cfg.dim_per_head, dtype, ring=True, sinks=mask.anchor)
 
     @classmethod
     def constrain_state(cls, state_R: KVState) -> KVState:
@@ -301,13 +336,13 @@ class Attention(Layer):
         impls; under the causal mask no real token sees a pad), storing the real tokens' keys."""
         q_BTHP, k_BTKP, v_BTKP = self.qkv(x_BTD, ctx.positions_BT)
         state = state.write_prompt(i, k_BTKP, v_BTKP, ctx.valid_BT, ctx.lengths_B)
-        return self.project_out(attention(q_BTHP, k_BTKP, v_BTKP, mask=Mask(window=self.window_size), impl=self.impl)), state
+        return self.project_out(attention(q_BTHP, k_BTKP, v_BTKP, mask=self.call_mask(ctx), impl=self.impl)), state
 
     def decode(self, x_BTD, ctx: LayerContext, state: KVState, i) -> tuple[jax.Array, KVState]:
         """New tokens (usually one per row) go into the cache, then attend every slot they may see."""
         q_BTHP, k_BTKP, v_BTKP = self.qkv(x_BTD, ctx.positions_BT)
         state = state.write_tokens(i, k_BTKP, v_BTKP, ctx.positions_BT, ctx.valid_BT)
-        out_BTHP = cache_attention(q_BTHP, state.k[i], state.v[i], q_positions_BT=ctx.positions_BT, mask=Mask(window=self.window_size),
+        out_BTHP = cache_attention(q_BTHP, state.k[i], state.v[i], q_positions_BT=ctx.positions_BT, mask=self.call_mask(ctx),
                                    slot_positions_BS=state.pos[i])
         return self.project_out(out_BTHP), state
 
@@ -318,5 +353,7 @@ class SlidingWindowAttention(Attention):
     buffer of that many slots, so decode memory does not grow with the context."""
 
     @classmethod
-    def window(cls, cfg) -> int | None:
-        return cfg.sliding_window
+    def mask(cls, cfg) -> Mask:
+        if cfg.sliding_window < 1:
+            raise ValueError(f"model.sliding_window must be >= 1, got {cfg.sliding_window}")
+        return Mask(window=cfg.sliding_window)

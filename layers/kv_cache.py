@@ -6,13 +6,15 @@
                        prompt padding, or a token that skipped the layer)
 
 Full cache (`ring=False`, S = max_len): position p lives in slot p.
-Ring buffer (`ring=True`, sliding window W, S = min(W, max_len)): position p lives in slot p % S, so
-memory is O(W) whatever the length; writing p evicts p - S, which no query at >= p can see (window W
-counts the query itself: p - s < W).
+Ring buffer (`ring=True`, `sinks` = A anchor slots then R ring slots, S = A + R): position p < A lives
+in slot p (attention sinks, global tokens: kept forever); position p >= A in slot A + (p - A) % R, so
+memory is O(A + R) whatever the length; writing p evicts p - R, which no query at >= p can see when
+every non-anchor key a query sees is less than R positions back (`Mask.reach`: a window W needs R = W,
+counting the query itself).
 
-A query at position q sees slot s iff pos[s] >= 0, pos[s] <= q and (windowed) q - pos[s] < W:
-`visible_BTS`. Recording positions, not just a row length, is what keeps right-padded prompts and
-tokens that skip a layer (Mixture-of-Recursions) invisible, whatever the slot layout.
+A query at position q sees slot s iff pos[s] >= 0 and the mask's rule holds for (q, pos[s])
+(`attention.cache_attention`). Recording positions, not just a row length, is what keeps right-padded
+prompts and tokens that skip a layer (Mixture-of-Recursions) invisible, whatever the slot layout.
 
 The decoder skeleton stacks a layer's state over the repeats of its scan group (a leading [R] axis);
 the write methods take that index `i` and scatter only the new slots.
@@ -32,30 +34,42 @@ class KVState:
     v: jax.Array
     pos: jax.Array
     ring: bool = False
+    sinks: int = 0  # ring only: slots [0, sinks) hold positions [0, sinks) for good
 
     @classmethod
-    def zeros(cls, batch: int, slots: int, kv_heads: int, head_dim: int, dtype, *, ring: bool) -> "KVState":
+    def zeros(cls, batch: int, slots: int, kv_heads: int, head_dim: int, dtype, *, ring: bool, sinks: int = 0) -> "KVState":
+        if sinks and (not ring or sinks >= slots):
+            raise ValueError(f"KVState: {sinks} sink slots need a ring with more than that many slots (got {slots}, ring={ring})")
         shape = (batch, slots, kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, slots), -1, jnp.int32), ring)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch, slots), -1, jnp.int32), ring, sinks)
 
     @property
     def slots(self) -> int:
         return self.pos.shape[-1]
 
+    def slot_of(self, positions):
+        """The slot position p is written to."""
+        if not self.ring:
+            return positions
+        return jnp.where(positions < self.sinks, positions, self.sinks + (positions - self.sinks) % (self.slots - self.sinks))
+
     def write_prompt(self, i, k_BTKP, v_BTKP, valid_BT, lengths_B) -> "KVState":
         """Stores a right-padded prompt (row b: positions 0 .. lengths_B[b] - 1; `valid_BT` False for
         padding and skipped tokens) into this empty state's repeat `i`.
 
-        Full: slot t <- token t (slots past S are dropped). Ring: slot w <- the latest prompt token t <
-        length with t % S == w, gathered rather than scattered (scattering T > S tokens would write one
-        slot several times, in an order XLA does not define)."""
+        Full: slot t <- token t (slots past S are dropped). Ring: sink slot w <- token w; ring slot A + w
+        <- the latest prompt token t < length with t >= A and (t - A) % R == w; gathered rather than
+        scattered (scattering T > S tokens would write one slot several times, in an order XLA does not
+        define)."""
         B, T = valid_BT.shape
-        S = self.slots
         if not self.ring:
             t_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
             return self._scatter(i, k_BTKP, v_BTKP, t_BT, jnp.where(valid_BT, t_BT, -1))
-        w_1S = jnp.arange(S, dtype=jnp.int32)[None]
-        t_BS = w_1S + S * ((lengths_B[:, None].astype(jnp.int32) - 1 - w_1S) // S)  # < 0: no such token
+        A, R = self.sinks, self.slots - self.sinks
+        w_1R = jnp.arange(R, dtype=jnp.int32)[None]
+        ring_BR = A + w_1R + R * ((lengths_B[:, None].astype(jnp.int32) - 1 - A - w_1R) // R)  # < A: no such token
+        sink_BA = jnp.broadcast_to(jnp.arange(A, dtype=jnp.int32), (B, A))
+        t_BS = jnp.concatenate([jnp.where(sink_BA < lengths_B[:, None], sink_BA, -1), jnp.where(ring_BR >= A, ring_BR, -1)], axis=1)
         src_BS = jnp.clip(t_BS, 0, T - 1)
         keep_BS = (t_BS >= 0) & jnp.take_along_axis(valid_BT, src_BS, axis=1)
         take = lambda a: jnp.take_along_axis(a, src_BS[:, :, None, None], axis=1).astype(self.k.dtype)  # noqa: E731
@@ -63,9 +77,8 @@ class KVState:
                                    pos=self.pos.at[i].set(jnp.where(keep_BS, t_BS, -1)))
 
     def write_tokens(self, i, k_BTKP, v_BTKP, positions_BT, valid_BT) -> "KVState":
-        """Appends T new tokens per row (decoding; T <= S for a ring) at their positions."""
-        slot_BT = positions_BT % self.slots if self.ring else positions_BT
-        return self._scatter(i, k_BTKP, v_BTKP, slot_BT, jnp.where(valid_BT, positions_BT, -1))
+        """Appends T new tokens per row (decoding; T <= the ring's slots) at their positions."""
+        return self._scatter(i, k_BTKP, v_BTKP, self.slot_of(positions_BT), jnp.where(valid_BT, positions_BT, -1))
 
     def _scatter(self, i, k_BTKP, v_BTKP, slot_BT, pos_BT) -> "KVState":
         b_B1 = jnp.arange(slot_BT.shape[0])[:, None]
@@ -77,14 +90,5 @@ class KVState:
         )
 
 
-jax.tree_util.register_dataclass(KVState, data_fields=["k", "v", "pos"], meta_fields=["ring"])
+jax.tree_util.register_dataclass(KVState, data_fields=["k", "v", "pos"], meta_fields=["ring", "sinks"])
 
-
-def visible_BTS(slot_pos_BS: jax.Array, q_positions_BT: jax.Array, window: int | None) -> jax.Array:
-    """Which cache slots each query may attend (the `Mask` rules, with positions in place of indices)."""
-    pos_B1S = slot_pos_BS[:, None, :]
-    q_BT1 = q_positions_BT[:, :, None]
-    seen_BTS = (pos_B1S >= 0) & (pos_B1S <= q_BT1)
-    if window is not None:
-        seen_BTS &= q_BT1 - pos_B1S < window
-    return seen_BTS

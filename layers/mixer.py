@@ -127,6 +127,11 @@ class Layer(nnx.Module):
         raise NotImplementedError(f"{cls.__name__} must implement flops_per_token(cfg, seq_len)")
 
     @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raises ValueError naming the `model.*` key of a bad value this layer reads (the config's
+        validate() reports it as a ConfigError before anything is built)."""
+
+    @classmethod
     def init_state(cls, cfg, batch: int, max_len: int, dtype) -> Any:
         return None
 
@@ -176,6 +181,7 @@ def register_ffn(name: str) -> Callable[[type], type]:
 def _load_layers() -> None:
     # Importing a layer file registers its layers. New layer files add one line here.
     from effax.layers import attention, mlp  # noqa: F401
+    from effax.layers import nsa, sparse_attention  # noqa: F401  (sparse attention: docs/attention.md)
     from effax.layers import moe  # noqa: F401  (Mixture-of-Experts feed-forward "moe": docs/moe.md)
     from effax.layers import conv, delta_rule, linear_attention, ssm  # noqa: F401  (hybrid mixers: docs/hybrid.md)
 

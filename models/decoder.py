@@ -116,6 +116,20 @@ class DecoderConfig(ModelConfig):
     pattern: tuple[str, ...] = ("attn",)  # layer entries "mixer" or "mixer+ffn", repeated to n_layers
     ffn: str = "swiglu"  # the feed-forward of entries that name none ("none": no feed-forward)
     sliding_window: int = 256  # keys seen by each query of a "swa" layer, itself included
+    # Sparse-attention mixers (layers/sparse_attention.py, layers/nsa.py; docs/attention.md).
+    attention_sinks: int = 4  # sink_swa: first tokens always seen (StreamingLLM keeps 4); window: sliding_window
+    attention_chunk: int = 1024  # chunked: tokens per chunk
+    sparse_block_size: int = 64  # block_sparse: tokens per block (BigBird: 64)
+    sparse_local_blocks: int = 3  # block_sparse: blocks seen up to the own, itself included
+    sparse_global_blocks: int = 1  # block_sparse: blocks at the start every query sees
+    sparse_stride_blocks: int = 4  # block_sparse: also every this-many-th earlier block (0: none)
+    moa_plan: str = ""  # moa: MoA plan JSON {"alphas", "betas"} [layers][heads]: span alpha + beta * N
+    moa_sinks: int = 64  # moa: first tokens every head sees (MoA's global block)
+    nsa_compress_block: int = 32  # nsa: l, tokens per compressed key (the paper's defaults follow)
+    nsa_compress_stride: int = 16  # nsa: d, stride between compressed blocks
+    nsa_select_block: int = 64  # nsa: l', tokens per selected block
+    nsa_select_blocks: int = 16  # nsa: n, selected blocks per query (1 initial and 2 local among them)
+    nsa_window: int = 512  # nsa: w, sliding-window branch
 
     @property
     def out_init_std(self) -> float:
@@ -173,6 +187,11 @@ class DecoderConfig(ModelConfig):
             raise ConfigError(f"model.ffn={self.ffn!r} is not a registered feed-forward; valid: {ffns + ['none']}")
         if any(s.mixer == "swa" for s in self.layer_specs) and self.sliding_window < 1:
             raise ConfigError(f"model.sliding_window must be >= 1 for swa layers, got {self.sliding_window}")
+        for layer_cls in {c for pair in self.layer_classes() for c in pair if c is not None}:
+            try:
+                layer_cls.check_config(self)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 class Block(nnx.Module):
