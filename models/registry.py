@@ -148,6 +148,7 @@ def _load_families() -> None:
     from effax.models import dense  # noqa: F401
     from effax.models import moe  # noqa: F401
     from effax.models import hybrid  # noqa: F401
+    from effax.models import mor  # noqa: F401
 
 
 def available() -> list[str]:
