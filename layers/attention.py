@@ -269,6 +269,7 @@ class Attention(Layer):
         if H % K:
             raise ValueError(f"n_heads={H} is not a multiple of n_kv_heads={K}")
         self.rope_theta, self.impl, self.dtype = cfg.rope_theta, cfg.attention_impl, jnp.dtype(cfg.dtype)
+        self.rope = not getattr(cfg, "nope", False)  # model.nope (hybrid configs): no positional encoding (SambaY)
         self.mask_static = self.mask(cfg).static  # hashable; a Mask itself is not stored (eq=False)
         param_dtype, normal = jnp.dtype(cfg.param_dtype), nnx.initializers.normal
 
@@ -299,14 +300,16 @@ class Attention(Layer):
         return self.project_out(attention(q_BTHP, k_BTKP, v_BTKP, mask=mask, impl=self.impl))
 
     def qkv(self, x_BTD: jax.Array, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The projections, with RoPE at `positions_BT` on q and k, in the compute dtype."""
+        """The projections, with RoPE at `positions_BT` on q and k (unless model.nope), in the compute dtype."""
         dt = self.dtype
         x_BTD = x_BTD.astype(dt)
         q_BTHP = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
         k_BTKP = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
         v_BTKP = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
-        q_BTHP = constrain(apply_rope(q_BTHP, positions_BT, theta=self.rope_theta), ("batch", "seq", "heads", "head_dim"))
-        k_BTKP = constrain(apply_rope(k_BTKP, positions_BT, theta=self.rope_theta), ("batch", "seq", "kv_heads", "head_dim"))
+        if self.rope:
+            q_BTHP, k_BTKP = (apply_rope(a, positions_BT, theta=self.rope_theta) for a in (q_BTHP, k_BTKP))
+        q_BTHP = constrain(q_BTHP, ("batch", "seq", "heads", "head_dim"))
+        k_BTKP = constrain(k_BTKP, ("batch", "seq", "kv_heads", "head_dim"))
         return q_BTHP, k_BTKP, v_BTKP
 
     def project_out(self, out_BTHP: jax.Array) -> jax.Array:

@@ -17,7 +17,8 @@ A decoder block is `x + mixer(norm(x))` then `x + ffn(norm(x))`; `model.pattern`
         def prefill(self, x_BTD, ctx, state, i): ...             # -> (y_BTD, state)
         def decode(self, x_BTD, ctx, state, i): ...              # -> (y_BTD, state)
 
-Decode state. The skeleton stacks each layer's state over the repeats of its scan group, so every
+Decode state. A feed-forward may have decode state too (same interface; Hydra's chunk-level MoE keeps its
+chunk's routing). The skeleton stacks each layer's state over the repeats of its scan group, so every
 array in `state` has a leading [R] axis and `i` is this layer's index in it: read `state.k[i]`, write
 `state.k.at[i, rows, slots].set(...)` so that a decode step writes only its new slots (a per-layer
 slice copied in and out of the scan would move the whole cache at every step).
@@ -71,6 +72,9 @@ class LayerContext:
     carry:          values handed from layer to layer along the depth (MoE++'s router logits for its gating
                     residual): a layer reads `ctx.carry[name]` and may assign a new value of the same shape;
                     the skeleton threads them through the scans, starting from the layers' `init_carry`.
+    shared:         decoding only: state shared by several layers, kept once in the cache (YOCO's single KV
+                    cache, written by one layer and read by the cross-decoder's layers): `ctx.shared[name]`, as
+                    declared by the layers' `init_shared`; a layer may assign a new value of the same shape.
     """
 
     positions_BT: jax.Array
@@ -83,6 +87,7 @@ class LayerContext:
     values: dict = dataclasses.field(default_factory=dict)
     reports: dict = dataclasses.field(default_factory=dict)
     carry: dict = dataclasses.field(default_factory=dict)
+    shared: dict = dataclasses.field(default_factory=dict)
 
     def aux_loss(self, name: str, value: jax.Array, *, reduce: str = "sum") -> None:
         """A weighted scalar loss term (already multiplied by its coefficient)."""
@@ -141,6 +146,11 @@ class Layer(nnx.Module):
         return {}
 
     @classmethod
+    def init_shared(cls, cfg, batch: int, max_len: int, dtype) -> dict:
+        """Decode state this layer shares with others (`ctx.shared`), kept once in the cache: {name: state}."""
+        return {}
+
+    @classmethod
     def constrain_state(cls, state_R):
         """Sharding constraints on the state stacked over a scan group (leading axis "layers")."""
         return state_R
@@ -184,6 +194,7 @@ def _load_layers() -> None:
     from effax.layers import nsa, sparse_attention  # noqa: F401  (sparse attention: docs/attention.md)
     from effax.layers import moe  # noqa: F401  (Mixture-of-Experts feed-forward "moe": docs/moe.md)
     from effax.layers import conv, delta_rule, linear_attention, ssm  # noqa: F401  (hybrid mixers: docs/hybrid.md)
+    from effax.layers import chunk_moe, pkm, yoco  # noqa: F401  (SambaY / YOCO / Hydra layers: docs/hybrid.md)
 
 
 def mixer(name: str) -> type[Layer]:

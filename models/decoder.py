@@ -217,10 +217,17 @@ class Block(nnx.Module):
         return self._ffn(x_BTD, ctx)
 
     def cached(self, x_BTD, ctx: LayerContext, state, i, *, prefill: bool):
-        """The same layer with its mixer reading and writing `state` (repeat `i` of its scan group)."""
+        """The same layer with its mixer (and a feed-forward that has state) reading and writing `state`
+        (repeat `i` of its scan group)."""
+        mixer_state, ffn_state = (state.mixer, state.ffn) if isinstance(state, WithFFNState) else (state, None)
         step = self.mixer.prefill if prefill else self.mixer.decode
-        y_BTD, state = step(self.mixer_norm(x_BTD), ctx, state, i)
-        return self._ffn(constrain(x_BTD + y_BTD, RESIDUAL), ctx), state
+        y_BTD, mixer_state = step(self.mixer_norm(x_BTD), ctx, mixer_state, i)
+        x_BTD = constrain(x_BTD + y_BTD, RESIDUAL)
+        if ffn_state is None:
+            return self._ffn(x_BTD, ctx), mixer_state
+        step = self.mlp.prefill if prefill else self.mlp.decode
+        y_BTD, ffn_state = step(self.mlp_norm(x_BTD), ctx, ffn_state, i)
+        return constrain(x_BTD + y_BTD, RESIDUAL), WithFFNState(mixer_state, ffn_state)
 
     def _ffn(self, x_BTD, ctx):
         if self.mlp is None:
@@ -238,13 +245,26 @@ class SuperBlock(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
     """The model's cache: per scan group, per super-block position, that layer's state stacked over the
-    group's repeats (None for a stateless layer); and the tokens held per row (= next position)."""
+    group's repeats (None for a stateless layer); the tokens held per row (= next position); and the state
+    layers share (`ctx.shared`: YOCO's single KV cache), kept once."""
 
     layers: tuple
     lengths_B: jax.Array
+    shared: dict = dataclasses.field(default_factory=dict)
 
 
-jax.tree_util.register_dataclass(DecodeState, data_fields=["layers", "lengths_B"], meta_fields=[])
+jax.tree_util.register_dataclass(DecodeState, data_fields=["layers", "lengths_B", "shared"], meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class WithFFNState:
+    """A layer's decode state when its feed-forward has state too (Hydra's chunk-level MoE)."""
+
+    mixer: object
+    ffn: object
+
+
+jax.tree_util.register_dataclass(WithFFNState, data_fields=["mixer", "ffn"], meta_fields=[])
 
 
 def remat_layer(fn, remat: str):
@@ -354,15 +374,22 @@ class Decoder(nnx.Module):
         """An empty cache for `batch` rows of up to `max_len` tokens (prompt + generated), in the
         compute dtype unless `dtype` says otherwise."""
         dtype = jnp.dtype(self.cfg.dtype if dtype is None else dtype)
-        layers = []
+        layers, shared = [], {}
+
+        def stacked_state(cls, repeats):
+            one = cls.init_state(self.cfg, batch, max_len, dtype)
+            shared.update(cls.init_shared(self.cfg, batch, max_len, dtype))
+            return None if one is None else cls.constrain_state(
+                jax.tree.map(lambda a: jnp.broadcast_to(a, (repeats, *a.shape)), one))
+
         for group, stacked in zip(self.scan_groups, self.blocks):
             states = []
             for block in stacked.layers:
-                one = type(block.mixer).init_state(self.cfg, batch, max_len, dtype)
-                stacked_state = jax.tree.map(lambda a: jnp.broadcast_to(a, (group.repeats, *a.shape)), one)
-                states.append(None if one is None else type(block.mixer).constrain_state(stacked_state))
+                state = stacked_state(type(block.mixer), group.repeats)
+                ffn_state = None if block.mlp is None else stacked_state(type(block.mlp), group.repeats)
+                states.append(state if ffn_state is None else WithFFNState(state, ffn_state))
             layers.append(tuple(states))
-        return DecodeState(tuple(layers), jnp.zeros((batch,), jnp.int32))
+        return DecodeState(tuple(layers), jnp.zeros((batch,), jnp.int32), shared)
 
     def prefill(self, tokens_BT, lengths_B, cache: DecodeState) -> tuple[jax.Array, DecodeState]:
         """Runs right-padded prompts (row b's prompt is tokens_BT[b, :lengths_B[b]], lengths >= 1) through
@@ -387,24 +414,25 @@ class Decoder(nnx.Module):
     def _run_cached(self, x_BTD, ctx: LayerContext, cache: DecodeState, *, prefill: bool):
         """`run_layers` with each group's state in the scan carry (written in place by the layers at their
         repeat index) and the repeat index as xs. Reports are dropped: decoding has no losses."""
-        new_layers = []
+        new_layers, shared = [], cache.shared
         carry = self.init_carry(*x_BTD.shape[:2])
         for group, stacked, states in zip(self.scan_groups, self.blocks, cache.layers):
             graphdef, params = nnx.split(stacked)
 
             def body(scan_carry, xs, graphdef=graphdef, group=group):
-                x_BTD, states, carry = scan_carry
+                x_BTD, states, carry, shared = scan_carry
                 params, r = xs
                 states = list(states)
                 for j, block in enumerate(nnx.merge(graphdef, params).layers):
-                    layer_ctx = _layer_ctx(ctx, group.start + r * len(group.block) + j, carry)
+                    layer_ctx = _layer_ctx(ctx, group.start + r * len(group.block) + j, carry, shared)
                     x_BTD, states[j] = block.cached(x_BTD, layer_ctx, states[j], r, prefill=prefill)
-                    carry = layer_ctx.carry
-                return (x_BTD, tuple(states), carry), None
+                    carry, shared = layer_ctx.carry, layer_ctx.shared
+                return (x_BTD, tuple(states), carry, shared), None
 
-            (x_BTD, states, carry), _ = jax.lax.scan(body, (x_BTD, states, carry), (params, jnp.arange(group.repeats)))
+            (x_BTD, states, carry, shared), _ = jax.lax.scan(body, (x_BTD, states, carry, shared),
+                                                             (params, jnp.arange(group.repeats)))
             new_layers.append(states)
-        return x_BTD, dataclasses.replace(cache, layers=tuple(new_layers))
+        return x_BTD, dataclasses.replace(cache, layers=tuple(new_layers), shared=shared)
 
     def logits(self, x_BTD) -> jax.Array:
         dt = jnp.dtype(self.cfg.dtype)
@@ -416,10 +444,12 @@ class Decoder(nnx.Module):
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
 
-def _layer_ctx(ctx: LayerContext, layer, carry: dict | None = None) -> LayerContext:
-    """The call's context for one layer: its index, its own fold of the rng, and the depth-wise carry."""
+def _layer_ctx(ctx: LayerContext, layer, carry: dict | None = None, shared: dict | None = None) -> LayerContext:
+    """The call's context for one layer: its index, its own fold of the rng, the depth-wise carry and (decoding)
+    the state layers share."""
     rng = None if ctx.rng is None else jax.random.fold_in(ctx.rng, layer)
-    return dataclasses.replace(ctx, layer=layer, rng=rng, values={}, reports={}, carry=dict(carry or {}))
+    return dataclasses.replace(ctx, layer=layer, rng=rng, values={}, reports={}, carry=dict(carry or {}),
+                               shared=dict(shared or {}))
 
 
 def _merge_reports(reports: dict, new: dict) -> None:

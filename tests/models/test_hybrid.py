@@ -24,7 +24,7 @@ def n_params(cfg) -> int:
 
 @pytest.mark.parametrize("name", [*PRESETS, "all-mixers"])
 def test_param_count_matches_the_built_model(name):
-    cfg = TINY if name == "all-mixers" else HybridConfig.preset(name, n_layers=5, vocab_size=384, tie_embeddings=False)
+    cfg = TINY if name == "all-mixers" else HybridConfig.preset(name, n_layers=8, vocab_size=384, tie_embeddings=False)
     assert n_params(cfg) == cfg.param_count()
 
 
@@ -55,8 +55,8 @@ def test_flops_are_the_layers_projections_plus_their_chunked_core():
 
 def test_presets_and_clear_errors():
     for name in PRESETS:
-        HybridConfig.preset(name, n_layers=5).validate()
-    with pytest.raises(registry.ConfigError, match="unknown hybrid preset 'jamba'.*valid: mamba2, samba, gdn, based"):
+        HybridConfig.preset(name, n_layers=8).validate()  # SambaY / YOCO: n_layers divisible by 4
+    with pytest.raises(registry.ConfigError, match="unknown hybrid preset 'jamba'.*valid: mamba2, samba, gdn, based, sambay"):
         HybridConfig.preset("jamba")
     with pytest.raises(registry.ConfigError, match="model.ssm_head_dim=48 must divide"):
         HybridConfig.preset("mamba2", d_model=64, ssm_head_dim=48).validate()
