@@ -79,14 +79,16 @@ def _standalone():
     k, v = (rng.standard_normal((1, T, K, P)).astype(np.float32) for _ in range(2))
     v2 = v.copy()
     v2[0, 2] += 1.0
-    layers = {"cross": _layer(3, "mixer"), "moe": _layer(0, "mlp"), "pkm": _layer(1, "mlp")}
+    layers = {"cross": _layer(3, "mixer"), "moe": _layer(0, "mlp"), "pkm": _layer(1, "mlp"), "memory": _layer(0, "mixer")}
     graphdef, state = nnx.split(layers)
 
     def run(state, x, k, v, v2, pos, seg):
         mods = nnx.merge(graphdef, state)
         ctx = lambda v: LayerContext(positions_BT=pos, segment_ids_BT=seg, carry={yoco.KEYS: k, yoco.VALUES: v})  # noqa: E731
+        memory_ctx = ctx(v)
         return {"cross": mods["cross"](x, ctx(v)), "cross_perturbed": mods["cross"](x, ctx(v2)),
-                "moe": mods["moe"](x, ctx(v)), "pkm": mods["pkm"](x, ctx(v))}
+                "moe": mods["moe"](x, ctx(v)), "pkm": mods["pkm"](x, ctx(v)),
+                "mamba": mods["memory"](x, memory_ctx), "memory": memory_ctx.carry[yoco.MEMORY]}
 
     args = (state, *map(jnp.asarray, (x, k, v, v2, POSITIONS, SEGMENTS)))
     out = compiled(run, *args)(*args)
@@ -127,6 +129,17 @@ def test_the_cross_layer_attends_the_carried_keys_and_values():
 
 def _silu(a):
     return a / (1 + np.exp(-a))
+
+
+def test_the_memory_is_the_ssm_output_before_the_gated_norm():
+    """mamba2_memory hands on m with out = (RMSNorm(m * silu(z)) * w) W_out, z the gate columns of in_proj:
+    the pre-gate output (ArchScale's gmu_save), not the block's output nor the gated value."""
+    x, _, _, _, out, layers = _standalone()
+    p = params(layers["memory"])
+    z = x @ p["in_proj"][:, : TINY.expand * TINY.d_model]
+    g = out["memory"] * _silu(z)
+    want = (g / np.sqrt(np.mean(g**2, -1, keepdims=True) + TINY.norm_eps) * p["norm"]) @ p["out_proj"]
+    _close(out["mamba"], want)
 
 
 def test_chunk_moe_routes_every_chunk_by_its_first_token():
