@@ -22,10 +22,10 @@ from effax.train.config import CheckpointConfig, Config, ConfigError, DataConfig
 
 VARIANTS = {  # `effax train experiments/mor/mor.py --variants`
     None: "MoR: d_model 256, 8 unrolled layers (middle-cycle, 3 recursions of 2 shared layers), expert choice, 200 steps",
-    "smoke-recursive": "tiny (d 32, 3 layers = 3 recursions of 1, 8 steps): the recursive transformer, router none",
-    "smoke-ec": "tiny: expert-choice routing (capacities 1, 2/3, 1/3), recursion-wise KV, auxiliary causal router",
+    "smoke-recursive": "tiny (d 32, 2 recursions of 1 shared layer, 8 steps): the recursive transformer, router none",
+    "smoke-ec": "tiny: expert-choice routing (capacities 1, 1/2), recursion-wise KV, auxiliary causal router",
     "smoke-ec-kvshare": "tiny: expert choice with recursive KV sharing, threshold router for generation",
-    "smoke-tc": "tiny: token-choice routing (top-1 of 3 depths), balance loss + z-loss, recursion-wise KV",
+    "smoke-tc": "tiny: token-choice routing (top-1 of 2 depths), balance loss + z-loss, recursion-wise KV",
     "smoke-tc-kvshare": "tiny: token choice with the aux-loss-free bias and KV sharing",
 }
 
@@ -69,7 +69,7 @@ def get_config(variant: str | None = None) -> Config:
     if variant in SMOKE:
         return dataclasses.replace(
             cfg,
-            model=MoRConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, n_recursions=3, sharing="cycle",
+            model=MoRConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, n_recursions=2, sharing="cycle",
                             aux_router_dim=16, **SMOKE[variant]),
             data=dataclasses.replace(cfg.data, seq_len=24),
             train=dataclasses.replace(cfg.train, steps=8, batch_size=8, log_every=1),

@@ -1,7 +1,7 @@
 """Mixture-of-Recursions (models/mor.py): schedules, routers, the gathered path, KV strategies, generation.
 
-One tiny model per router (d_model 32, middle-cycle: first layer, 3 recursions of 1 shared layer, last
-layer; T = 24), parameters drawn by numpy, each function compiled once with XLA's backend optimisation
+One tiny model per router (d_model 32, 3 recursions of 1 shared layer, T = 24; middle-cycle, with an
+unshared first and last layer, where those layers matter), parameters drawn by numpy, each function compiled once with XLA's backend optimisation
 off (tests/attention_testing.py). Tolerances: fp32 throughout; where two paths compute the same sums in
 a different order (gathered vs masked, cached vs uncached) 2e-5 absolute on O(1) activations and logits.
 """
@@ -24,8 +24,9 @@ from effax.models.registry import ConfigError
 
 V, B, T = 64, 2, 24
 TOL = dict(atol=2e-5, rtol=2e-5)
-BASE = dict(vocab_size=V, d_model=32, n_layers=5, n_heads=4, n_kv_heads=2, n_recursions=3, sharing="middle-cycle",
+BASE = dict(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, n_recursions=3, sharing="cycle",
             aux_router_dim=8)
+MIDDLE = dict(n_layers=5, sharing="middle-cycle")
 TOKENS = np.random.default_rng(0).integers(0, V, (B, T)).astype(np.int32)
 SEGMENTS = np.array([[0] * 10 + [1] * 14, [0] * 24], np.int32)  # row 0 packs two documents
 POSITIONS = np.array([list(range(10)) + list(range(14)), list(range(24))], np.int32)
@@ -57,7 +58,7 @@ def forward(**fields):
     ("middle-sequence", [0, 1, 1, 1, 2, 2, 2, 3]),
 ])
 def test_each_schedule_ties_exactly_its_layers(sharing, unrolled):
-    cfg = MoRConfig(**{**BASE, "sharing": sharing, "n_layers": len(unrolled), "router": "none"})
+    cfg = MoRConfig(**{**BASE, "sharing": sharing, "n_layers": len(unrolled), "router": "none", "n_recursions": 3})
     assert cfg.unrolled_layers() == unrolled
     built = nnx.eval_shape(lambda: MoR(cfg, rngs=nnx.Rngs(0)))
     n_unique = len(set(unrolled))
@@ -71,7 +72,7 @@ def test_each_schedule_ties_exactly_its_layers(sharing, unrolled):
 
 def test_bad_configs_name_their_key():
     with pytest.raises(ConfigError, match="n_recursions"):
-        MoRConfig(**{**BASE, "n_layers": 6}).validate()  # 4 middle layers over 3 recursions
+        MoRConfig(**{**BASE, **MIDDLE, "n_layers": 6}).validate()  # 4 middle layers over 3 recursions
     with pytest.raises(ConfigError, match="capacities"):
         MoRConfig(**{**BASE, "capacities": (0.5, 1.0, 0.2)}).validate()
     with pytest.raises(ConfigError, match="kv_sharing"):
@@ -81,8 +82,8 @@ def test_bad_configs_name_their_key():
 
 def test_flops_per_token_follow_the_capacities():
     T = 256
-    rec = MoRConfig(**{**BASE, "router": "none"})
-    ec = MoRConfig(**BASE)
+    rec = MoRConfig(**{**BASE, **MIDDLE, "router": "none"})
+    ec = MoRConfig(**{**BASE, **MIDDLE})
     attn = lambda C: 2 * 32 * 8 * (2 * 4 + 2 * 2) + 4 * C * 4 * 8  # noqa: E731  2 x projections + 4 keys H P
     ffn = 3 * 2 * 32 * rec.ffn_dim
     head = 2 * 32 * V
@@ -95,8 +96,8 @@ def test_flops_per_token_follow_the_capacities():
 # --- the recursive transformer ------------------------------------------------------------------------
 
 def test_recursive_transformer_is_a_vanilla_model_with_copied_weights():
-    mor = model(router="none")
-    dense_cfg = DenseConfig(**{k: v for k, v in BASE.items() if k in DenseConfig.__dataclass_fields__})
+    mor = model(router="none", **MIDDLE)
+    dense_cfg = DenseConfig(**{k: v for k, v in {**BASE, **MIDDLE}.items() if k in DenseConfig.__dataclass_fields__})
     dense = nnx.eval_shape(lambda: Dense(dense_cfg, rngs=nnx.Rngs(0)))
     unrolled = jnp.asarray(mor.cfg.unrolled_layers())
     nnx.update(dense, {"blocks": {0: jax.tree.map(lambda a: a[unrolled], nnx.state(mor.blocks[0]))},
@@ -104,18 +105,18 @@ def test_recursive_transformer_is_a_vanilla_model_with_copied_weights():
     graphdef, state = nnx.split(dense)
     fn = lambda s, t, p, g: nnx.merge(graphdef, s)(t, positions_BT=p, segment_ids_BT=g)[0]  # noqa: E731
     want = compiled(fn, state, TOKENS, POSITIONS, SEGMENTS)(state, TOKENS, POSITIONS, SEGMENTS)
-    got = forward(router="none")()[0]
+    got = forward(router="none", **MIDDLE)()[0]
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)  # same ops, scan vs unrolled: ~1 ulp
 
 
 def test_capacity_one_without_gate_equals_the_recursive_transformer():
     """Expert choice keeping every token (capacities 1) with g = 1 runs the gather / attention-among-active /
     scatter path on all tokens: it must give the recursive transformer's logits."""
-    fields = dict(capacities=(1.0, 1.0, 1.0), router_gate="none")
-    rec, ec = model(router="none"), model(**fields)
+    fields = dict(capacities=(1.0, 1.0, 1.0), router_gate="none", **MIDDLE)
+    rec, ec = model(router="none", **MIDDLE), model(**fields)
     shared = nnx.state(rec)
     state = nnx.merge_state(nnx.state(ec), nnx.State({k: shared[k] for k in ("blocks", "embed", "final_norm")}))
-    np.testing.assert_allclose(forward(**fields)(state=state)[0], forward(router="none")()[0], atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(forward(**fields)(state=state)[0], forward(router="none", **MIDDLE)()[0], atol=1e-6, rtol=1e-6)
 
 
 # --- expert choice ------------------------------------------------------------------------------------
@@ -159,17 +160,19 @@ def test_gathered_path_equals_a_masked_reference_that_computes_every_token():
 
 def test_gradients_reach_the_router():
     for router in ("expert_choice", "token_choice"):  # 2 recursions of 1 layer: the backward pass compiles slowly
-        graphdef, params, rest = nnx.split(model(router=router, n_layers=2, n_recursions=2, sharing="cycle"), nnx.Param, ...)
+        mor = model(router=router, n_layers=2, n_recursions=2, sharing="cycle")
+        graphdef, state = nnx.split(mor)
+        names = ("router_w", "aux_w1") if router == "expert_choice" else ("router_w",)
 
-        def loss(params, tokens):
-            logits, aux = nnx.merge(graphdef, params, rest)(tokens, train=True)
+        def loss(routers, tokens):  # gradients w.r.t. the routers only: a smaller backward pass to compile
+            logits, aux = nnx.merge(graphdef, nnx.merge_state(state, nnx.State(routers)))(tokens, train=True)
             ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], axis=-1))
             return ce + sum(aux["losses"].values())
 
-        grads = compiled(jax.grad(loss), params, TOKENS)(params, TOKENS)
-        assert float(jnp.sum(jnp.abs(grads["router_w"][...]))) > 0, router
-        if router == "expert_choice":
-            assert float(jnp.sum(jnp.abs(grads["aux_w1"][...]))) > 0
+        routers = {n: state[n] for n in names}
+        grads = compiled(jax.grad(loss), routers, TOKENS)(routers, TOKENS)
+        for n in names:
+            assert float(jnp.sum(jnp.abs(grads[n][...]))) > 0, (router, n)
 
 
 # --- generation ---------------------------------------------------------------------------------------
@@ -205,7 +208,8 @@ def generation(**fields):
     return full, steps, cache, (lambda tokens, delta=zero: uncached(state, tokens, delta))
 
 
-CAUSAL = [dict(router="token_choice", kv_sharing=True), dict(generation_router="aux_router")]
+TC_KV = dict(router="token_choice", kv_sharing=True, **MIDDLE)
+CAUSAL = [TC_KV, dict(generation_router="aux_router")]
 
 
 @pytest.mark.parametrize("fields", CAUSAL, ids=["token-choice-kv-sharing", "expert-choice-aux-router"])
@@ -217,8 +221,8 @@ def test_cached_generation_equals_the_uncached_forward(fields):
     for b, n in enumerate(LENGTHS):
         for i, got in enumerate(steps):
             np.testing.assert_allclose(got[b], logits[b, n - 1 + i], **TOL, err_msg=f"row {b} step {i}")
-    n_caches = 2 + (1 if fields.get("kv_sharing") else 3)  # first, last + one per (depth, layer) or depth 1's only
-    assert len(cache.layers) == n_caches
+    # (first, last +) one per (depth, layer), or depth 1's only with kv sharing
+    assert len(cache.layers) == (2 + 1 if fields.get("kv_sharing") else 3)
 
 
 def test_generation_never_reads_future_tokens():
@@ -236,7 +240,7 @@ def test_generation_never_reads_future_tokens():
 def test_kv_sharing_reuses_the_first_recursions_keys_and_values():
     """Perturbing the first recursion's K/V as depths >= 1 read them leaves depth 1 unchanged and changes
     the output of every later depth (of the tokens that reach it)."""
-    _, _, _, uncached = generation(router="token_choice", kv_sharing=True)
+    _, _, _, uncached = generation(**TC_KV)
     _, base = uncached(TOKENS)
     delta = {0: (jnp.full((B, T, 2, 8), 0.5), jnp.full((B, T, 2, 8), -0.5))}
     _, moved = uncached(TOKENS, delta)
