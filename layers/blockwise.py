@@ -37,8 +37,12 @@ import numpy as np
 from effax.layers.masks import Mask, block_visible, document_offsets_BT, visible
 
 
-def default_blocks(T: int) -> tuple[int, int]:
-    """(block_q, block_k) for a sequence of T tokens (measured on the 2-core CPU: docs/benchmarks.md)."""
+def default_blocks(T: int, mask: Mask | None = None) -> tuple[int, int]:
+    """(block_q, block_k) for T tokens: 64 up to 1024, then 128 (larger blocks run the matmuls faster on
+    the 2-core CPU, docs/benchmarks.md); a block-sparse mask's own block size when it is in [16, 128], so
+    that the computed blocks are the pattern's."""
+    if mask is not None and mask.block_sparse is not None and 16 <= mask.block_sparse.block_size <= 128:
+        return (mask.block_sparse.block_size,) * 2
     return (64, 64) if T <= 1024 else (128, 128)
 
 
@@ -160,7 +164,7 @@ def blockwise_attention(q_BTHP, k_BTKP, v_BTKP, *, mask: Mask, scale: float, blo
     K = k_BTKP.shape[2]
     if mask.spans is not None and mask.spans.n_heads != H:
         raise ValueError(f"Mask.spans has {mask.spans.n_heads} heads per layer, the attention has {H}")
-    default_q, default_k = default_blocks(T)
+    default_q, default_k = default_blocks(T, mask)
     fn = _attention_fn(mask.static, T, H, K, block_q or default_q, block_k or default_k,
                        mask.segment_ids_BT is not None, float(scale))
     return fn(q_BTHP, k_BTKP, v_BTKP, mask.segment_ids_BT, jnp.asarray(mask.layer, jnp.int32))

@@ -14,8 +14,9 @@ Chunked form (Mamba2 paper, "SSD"; flash-linear-attention's chunk kernels). Cut 
   inside a chunk, the masked quadratic form with decays exp(c_t - c_s) from the chunk-local cumulative
   log decay c (the official kernels' form; c spans at most Q tokens, so the difference keeps fp32
   precision), and each chunk's contribution to the state at its end;
-  across chunks, a scan passes the state: S_(c+1) = exp(c_last) S_c + (chunk c's contribution), and each
-  token reads exp(c_t) q_t^T S_c from the state that entered its chunk.
+  across chunks, the state passes as S_(c+1) = exp(c_last) S_c + (chunk c's contribution), a linear
+  recurrence computed by an associative scan (log depth: no sequential loop over chunks), and each token
+  reads exp(c_t) q_t^T S_c from the state that entered its chunk.
 Cost per token O(Q N + Q P + N P) per head: flat in T.
 
 Packed documents (segment ids): the state resets at each document start. Inside a chunk a pair (t, s)
@@ -101,13 +102,18 @@ def chunked(q_BTKN, k_BTKN, v_BTHP, log_decay_BTH, *, chunk_size: int, segment_i
         from_start = jnp.where(carries[..., None, None], from_start, 0.0)
     contribution = jnp.einsum("bcskn,bcskg,bcskgp->bckgpn", k, to_end, v)
 
-    def pass_state(S_KGPN, inputs):
-        contribution_c, decay_c = inputs
-        return decay_c[..., None, None] * S_KGPN + contribution_c, S_KGPN
+    # Across chunks: S_c = d_c S_(c-1) + C_c is a linear recurrence, so an associative scan over the pairs
+    # (d, C) with (d1, C1) then (d2, C2) = (d1 d2, d2 C1 + C2) gives every chunk's end state in log depth.
+    def combine(first, second):
+        (d1, C1), (d2, C2) = first, second
+        return d1 * d2, d2[..., None, None] * C1 + C2
 
+    decays, sums = jax.lax.associative_scan(combine, (chunk_decay, contribution), axis=1)  # through chunk c
     S0 = jnp.zeros((B, K, G, P, N), F32) if state_BHPN is None else state_BHPN.astype(F32).reshape(B, K, G, P, N)
-    final, entering_S = jax.lax.scan(pass_state, S0, (jnp.moveaxis(contribution, 1, 0), jnp.moveaxis(chunk_decay, 1, 0)))
-    y = y + jnp.einsum("bctkn,cbkgpn,bctkg->bctkgp", q, entering_S, from_start)
+    after = decays[..., None, None] * S0[:, None] + sums  # [B, c, K, G, P, N]: the state after chunk c
+    entering_S = jnp.concatenate([S0[:, None], after[:, :-1]], axis=1)
+    final = after[:, -1]
+    y = y + jnp.einsum("bctkn,bckgpn,bctkg->bctkgp", q, entering_S, from_start)
     return y.reshape(B, n_chunks * Q, H, P)[:, :T], final.reshape(B, H, P, N)
 
 

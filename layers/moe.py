@@ -29,7 +29,7 @@ from effax.layers.mlp import SwiGLU
 from effax.layers.sharding import logical_init
 
 CARRY = "moe/router_logits"  # the previous MoE layer's router logits (MoE++ gating residual)
-ROUTER_MLP_MULT = 8  # MoE++'s two-layer router: D -> 8 E -> E with tanh (official code)
+ROUTER_MLP_MULT = 8  # MoE++'s two-layer router: D -> 8 O -> O with tanh (official code; O router outputs)
 
 
 def expert_width(cfg) -> int:
@@ -51,7 +51,7 @@ class MoE(Layer):
                              f"model.type={cfg.type!r}")
         self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype)
-        D, E, R, F = cfg.d_model, cfg.n_experts, n_routed(cfg), expert_width(cfg)
+        D, E, O, F = cfg.d_model, cfg.n_experts, n_routed(cfg), expert_width(cfg)
         width = cfg.bigmac_dim or D  # where the routed experts work
         pdt = jnp.dtype(cfg.param_dtype)
 
@@ -59,14 +59,14 @@ class MoE(Layer):
             return nnx.Param(logical_init(nnx.initializers.normal(std), axes)(rngs.params(), shape, pdt))
 
         if cfg.router_mlp:
-            self.router_hidden = param((D, ROUTER_MLP_MULT * R), ("embed", None))
-            self.router = param((ROUTER_MLP_MULT * R, R), (None, None))
+            self.router_hidden = param((D, ROUTER_MLP_MULT * O), ("embed", None))
+            self.router = param((ROUTER_MLP_MULT * O, O), (None, None))
         else:
-            self.router = param((D, R), ("embed", None))
+            self.router = param((D, O), ("embed", None))
         if cfg.gating_residual:
-            self.gate_residual = param((R, R), (None, None))
+            self.gate_residual = param((O, O), (None, None))
         if cfg.balance == "aux_free":
-            self.bias = Buffer(logical_init(nnx.initializers.zeros, (None,))(rngs.params(), (R,), jnp.float32))
+            self.bias = Buffer(logical_init(nnx.initializers.zeros, (None,))(rngs.params(), (O,), jnp.float32))
         if cfg.bigmac_dim:
             self.bigmac_down = param((D, width), ("embed", None))
             self.bigmac_up = param((width, D), (None, "embed"), cfg.out_init_std)
@@ -86,11 +86,11 @@ class MoE(Layer):
 
     @classmethod
     def _counts(cls, cfg) -> dict:
-        D, R, F = cfg.d_model, n_routed(cfg), expert_width(cfg)
+        D, O, F = cfg.d_model, n_routed(cfg), expert_width(cfg)
         width = cfg.bigmac_dim or D
-        router = (D * ROUTER_MLP_MULT * R + ROUTER_MLP_MULT * R * R) if cfg.router_mlp else D * R
+        router = (D * ROUTER_MLP_MULT * O + ROUTER_MLP_MULT * O * O) if cfg.router_mlp else D * O
         return {
-            "router": router + (R * R if cfg.gating_residual else 0),
+            "router": router + (O * O if cfg.gating_residual else 0),
             "bigmac": 2 * D * width if cfg.bigmac_dim else 0,
             "expert": 3 * width * F,  # one routed expert
             "constant": cfg.n_constant_experts * 3 * width,
@@ -127,18 +127,17 @@ class MoE(Layer):
 
     def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> jax.Array:
         cfg = self.cfg
-        B, T, D = x_BTD.shape
         x_BTD = x_BTD.astype(self.dtype)
-        logits_BTR = self._router_logits(x_BTD, ctx)
+        logits_BTO = self._router_logits(x_BTD, ctx)
         if cfg.z_loss_coef:
-            ctx.aux_loss("moe/z_loss", cfg.z_loss_coef * moe_routing.router_z_loss(logits_BTR.reshape(B * T, -1)))
-        scores_BTR = moe_routing.scores(logits_BTR, cfg.router_score)
+            ctx.aux_loss("moe/z_loss", cfg.z_loss_coef * moe_routing.router_z_loss(logits_BTO))
+        scores_BTO = moe_routing.scores(logits_BTO, cfg.router_score)
         x_in = x_BTD @ self.bigmac_down[...].astype(self.dtype) if cfg.bigmac_dim else x_BTD
         w = moe_dispatch.ExpertWeights(*(p[...].astype(self.dtype) for p in (self.expert_gate, self.expert_up, self.expert_down)))
         if cfg.router == "expert_choice":
-            y = self._expert_choice(x_in, scores_BTR, w, ctx)
+            y = self._expert_choice(x_in, scores_BTO, w, ctx)
         else:
-            y = self._token_choice(x_in, scores_BTR, w, ctx)
+            y = self._token_choice(x_in, scores_BTO, w, ctx)
         if cfg.bigmac_dim:
             y = y @ self.bigmac_up[...].astype(self.dtype)
         if cfg.n_shared_experts:
@@ -149,49 +148,47 @@ class MoE(Layer):
         x32 = x_BTD.astype(jnp.float32)
         if self.cfg.router_mlp:
             x32 = jnp.tanh(x32 @ self.router_hidden[...].astype(jnp.float32))
-        logits_BTR = x32 @ self.router[...].astype(jnp.float32)
+        logits_BTO = x32 @ self.router[...].astype(jnp.float32)
         if self.cfg.gating_residual:  # MoE++: this layer's logits + W_g · the previous MoE layer's
-            logits_BTR = logits_BTR + ctx.carry[CARRY] @ self.gate_residual[...].astype(jnp.float32)
-            ctx.carry[CARRY] = logits_BTR
-        return logits_BTR
+            logits_BTO = logits_BTO + ctx.carry[CARRY] @ self.gate_residual[...].astype(jnp.float32)
+            ctx.carry[CARRY] = logits_BTO
+        return logits_BTO
 
-    def _expert_choice(self, x_BTD, scores_BTR, w, ctx: LayerContext):
+    def _expert_choice(self, x_BTD, scores_BTO, w, ctx: LayerContext):
         if ctx.valid_BT is not None:
             raise ValueError("model.router=expert_choice cannot decode: each expert takes its top-C tokens of the "
                              "whole sequence, so a token's output depends on later tokens (non-causal)")
         B, T, _ = x_BTD.shape
         capacity = min(T, math.ceil(T * self.cfg.top_k / self.cfg.n_experts))
-        token_BEC, gate_BEC = moe_routing.expert_choice(scores_BTR, capacity)
+        token_BEC, gate_BEC = moe_routing.expert_choice(scores_BTO, capacity)
         self._report_load(ctx, jnp.full((self.cfg.n_experts,), B * capacity, jnp.float32))  # every slot is filled
         return moe_dispatch.capacity(x_BTD, token_BEC, gate_BEC, w)
 
-    def _token_choice(self, x_BTD, scores_BTR, w, ctx: LayerContext):
+    def _token_choice(self, x_BTD, scores_BTO, w, ctx: LayerContext):
         cfg = self.cfg
-        B, T, _ = x_BTD.shape
-        scores_NR = scores_BTR.reshape(B * T, -1)
-        bias_R = self.bias[...] if cfg.balance == "aux_free" else None
-        expert_NK, gate_NK = moe_routing.token_choice(scores_NR, cfg.top_k, renormalize=cfg.router_renormalize,
-                                                      bias_E=bias_R, n_groups=cfg.n_groups if cfg.router == "moge" else 1)
-        load_R = moe_routing.assignment_counts(expert_NK, n_routed(cfg))
+        T = x_BTD.shape[1]
+        bias_O = self.bias[...] if cfg.balance == "aux_free" else None
+        expert_BTZ, gate_BTZ = moe_routing.token_choice(scores_BTO, cfg.top_k, renormalize=cfg.router_renormalize,
+                                                        bias_O=bias_O, n_groups=cfg.n_groups if cfg.router == "moge" else 1)
+        load_O = moe_routing.assignment_counts(expert_BTZ, n_routed(cfg))
         if cfg.balance == "aux_loss":
-            ctx.aux_loss("moe/aux_loss", cfg.aux_loss_coef * moe_routing.balance_loss(scores_NR, expert_NK, cfg.router_score))
+            ctx.aux_loss("moe/aux_loss", cfg.aux_loss_coef * moe_routing.balance_loss(scores_BTO, expert_BTZ, cfg.router_score))
         if cfg.balance == "aux_free" and ctx.train:  # selection bias: state outside the gradient
-            self.bias[...] = moe_routing.aux_free_update(bias_R, load_R, cfg.bias_update_rate)
-        self._report_load(ctx, load_R)
-        expert_BTK, gate_BTK = expert_NK.reshape(B, T, -1), gate_NK.reshape(B, T, -1)
+            self.bias[...] = moe_routing.aux_free_update(bias_O, load_O, cfg.bias_update_rate)
+        self._report_load(ctx, load_O)
         if cfg.dispatch == "capacity" and ctx.valid_BT is None:
             # decoding computes every assignment: capacity is a training-time limit (docs/moe.md)
             capacity = min(T, math.ceil(T * cfg.top_k * cfg.capacity_factor / cfg.n_experts))
-            token_BEC, slot_gate_BEC, kept, routed = moe_dispatch.capacity_slots(expert_BTK, gate_BTK, cfg.n_experts, capacity)
+            token_BEC, slot_gate_BEC, kept, routed = moe_dispatch.capacity_slots(expert_BTZ, gate_BTZ, cfg.n_experts, capacity)
             ctx.diagnostic("moe/dropped", 1.0 - kept / jnp.maximum(routed, 1))
             y = moe_dispatch.capacity(x_BTD, token_BEC, slot_gate_BEC, w)
         else:
-            y = moe_dispatch.dropless(x_BTD, expert_BTK, gate_BTK, w, impl=cfg.gmm_impl)
+            y = moe_dispatch.dropless(x_BTD, expert_BTZ, gate_BTZ, w, impl=cfg.gmm_impl)
         if n_routed(cfg) > cfg.n_experts:
-            y = y + self._zero_computation(x_BTD, expert_BTK, gate_BTK, ctx)
+            y = y + self._zero_computation(x_BTD, expert_BTZ, gate_BTZ, ctx)
         return y
 
-    def _zero_computation(self, x_BTD, expert_BTK, gate_BTK, ctx: LayerContext):
+    def _zero_computation(self, x_BTD, expert_BTZ, gate_BTZ, ctx: LayerContext):
         """MoE++'s experts without an FFN: zero (adds nothing), copy (adds gate · x), constant j (adds
         gate · (a x + b v_j) with (a, b) = softmax(x W_j))."""
         cfg = self.cfg
@@ -200,19 +197,19 @@ class MoE(Layer):
         count = {"zero": cfg.n_zero_experts, "copy": cfg.n_copy_experts, "constant": cfg.n_constant_experts}
         for kind in first:
             if count[kind]:
-                chosen_BTK = (expert_BTK >= first[kind]) & (expert_BTK < first[kind] + count[kind])
-                ctx.diagnostic(f"moe/{kind}_frac", jnp.mean(chosen_BTK.astype(jnp.float32)))
+                chosen_BTZ = (expert_BTZ >= first[kind]) & (expert_BTZ < first[kind] + count[kind])
+                ctx.diagnostic(f"moe/{kind}_frac", jnp.mean(chosen_BTZ.astype(jnp.float32)))
         x32 = x_BTD.astype(jnp.float32)
-        copy_BT = jnp.sum(jnp.where((expert_BTK >= first["copy"]) & (expert_BTK < first["constant"]), gate_BTK, 0.0), -1)
+        copy_BT = jnp.sum(jnp.where((expert_BTZ >= first["copy"]) & (expert_BTZ < first["constant"]), gate_BTZ, 0.0), -1)
         y = copy_BT[..., None] * x32
-        if cfg.n_constant_experts:
-            gate_BTJ = jnp.einsum("btk,btkj->btj", gate_BTK,
-                                  jax.nn.one_hot(expert_BTK - first["constant"], cfg.n_constant_experts, dtype=jnp.float32))
-            mix_BTJ2 = jax.nn.softmax(jnp.einsum("btd,jdm->btjm", x32, self.constant_mix[...].astype(jnp.float32)), axis=-1)
-            value_JD = self.constant_value[...].astype(jnp.float32)
-            y = y + jnp.einsum("btj,btd->btd", gate_BTJ * mix_BTJ2[..., 0], x32) + jnp.einsum("btj,jd->btd", gate_BTJ * mix_BTJ2[..., 1], value_JD)
+        if cfg.n_constant_experts:  # per constant expert j: its gate [B, T, j], mix [B, T, j, 2], vector [j, D]
+            const_gate = jnp.einsum("btz,btzj->btj", gate_BTZ, jax.nn.one_hot(expert_BTZ - first["constant"],
+                                                                              cfg.n_constant_experts, dtype=jnp.float32))
+            mix = jax.nn.softmax(jnp.einsum("btd,jdm->btjm", x32, self.constant_mix[...].astype(jnp.float32)), axis=-1)
+            y = (y + jnp.einsum("btj,btd->btd", const_gate * mix[..., 0], x32)
+                 + jnp.einsum("btj,jd->btd", const_gate * mix[..., 1], self.constant_value[...].astype(jnp.float32)))
         return y.astype(x_BTD.dtype)
 
-    def _report_load(self, ctx: LayerContext, load_R):
-        ctx.diagnostic("moe/load", load_R / jnp.maximum(jnp.sum(load_R), 1.0))
-        ctx.diagnostic("moe/maxvio", moe_routing.max_violation(load_R))
+    def _report_load(self, ctx: LayerContext, load_O):
+        ctx.diagnostic("moe/load", load_O / jnp.maximum(jnp.sum(load_O), 1.0))
+        ctx.diagnostic("moe/maxvio", moe_routing.max_violation(load_O))

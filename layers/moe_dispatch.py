@@ -1,8 +1,8 @@
 """Moving tokens to their experts and back: the dropless and the capacity paths, with expert parallelism.
 
-dropless(x_BTD, expert_BTK, gate_BTK, w)      every assignment is computed: sort the N k (token, expert)
-    pairs by expert -> one grouped matmul per projection (kernels/gmm) -> unsort -> gate-weighted sum
-    over the k. Expert ids >= E (MoE++'s zero-computation experts) are sorted past the groups and cost
+dropless(x_BTD, expert_BTZ, gate_BTZ, w)      every assignment is computed: sort the B T k (token, expert)
+    pairs (A, the assignments) by expert -> one grouped matmul per projection (kernels/gmm) -> unsort ->
+    gate-weighted sum over the k choices (Z). Expert ids >= E (MoE++'s zero-computation experts) are sorted past the groups and cost
     nothing.
 capacity(x_BTD, token_BEC, gate_BEC, w)       slot form: expert e's slot c of row b holds token
     token_BEC[b, e, c] with weight gate_BEC[b, e, c] (0 for an empty slot); an [B, E, C, D] buffer and
@@ -18,7 +18,7 @@ and tensor-parallel expert widths summed (psum over `tensor`). With `expert` of 
 assignments travel to the devices holding their experts and back with `all_to_all` over `expert`:
   capacity:  [B, E, C, D] -> all_to_all (split E, stack rows) -> [ep B, E/ep, C, D] -> experts -> back.
   dropless:  assignments sorted by expert, so by destination; one [ep, A, D] send buffer (A = the
-             device's N k assignments, row block s for shard s), padded to A per destination because
+             device's assignments, row block s for shard s), padded to A per destination because
              every assignment may go to one shard (exactly dropless); the receiver sorts what it got by
              its local experts and runs the grouped matmul, whose tile loop skips the padding.
 Capacity decisions are per sequence (C = ceil(T k factor / E) slots per expert and row), so no mesh
@@ -59,53 +59,54 @@ def grouped_swiglu(x_MD, group_sizes_E, w: ExpertWeights, impl: str):
     return gmm_ops.gmm(h_MF, w.down_EFD, group_sizes_E, impl=impl)
 
 
-def grouped_ffn(x_ND, src_M, expert_M, n_experts: int, w: ExpertWeights, impl: str):
-    """y_MD[m] = expert_M[m]'s FFN of x_ND[src_M[m]] (0 when expert_M[m] >= n_experts), via sort -> gmm -> unsort."""
+def grouped_ffn(source, src_M, expert_M, n_experts: int, w: ExpertWeights, impl: str):
+    """y_MD[m] = expert_M[m]'s FFN of source[src_M[m]] (0 when expert_M[m] >= n_experts): sort -> gmm -> unsort.
+    source: [rows, D], the tokens (or received rows) the assignments read."""
     order_M = jnp.argsort(expert_M, stable=True)
     sizes_E = jnp.sum(jax.nn.one_hot(expert_M, n_experts, dtype=jnp.int32), axis=0)
-    y_sorted_MD = grouped_swiglu(x_ND[src_M[order_M]], sizes_E, w, impl)
+    y_sorted_MD = grouped_swiglu(source[src_M[order_M]], sizes_E, w, impl)
     return jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD, unique_indices=True)
 
 
-def _exchange_and_compute(x_ND, token_A, expert_A, n_experts: int, w: ExpertWeights, impl: str, axis: str, ep: int):
-    """grouped_ffn when the experts live on the `ep` devices of mesh axis `axis` (E/ep each)."""
+def _exchange_and_compute(source, token_A, expert_A, n_experts: int, w: ExpertWeights, impl: str, axis: str, ep: int):
+    """grouped_ffn when the experts live on the `ep` devices of mesh axis `axis` (E/ep each). The send,
+    receive and return buffers are [ep, A, D]: row block s goes to (comes from) shard s."""
     A, local = expert_A.shape[0], n_experts // ep
     order_A = jnp.argsort(expert_A, stable=True)
     expert_sorted_A = expert_A[order_A]
     dest_A = expert_sorted_A // local  # >= ep for ids past the experts: sent nowhere
-    counts_S = jnp.sum(jax.nn.one_hot(dest_A, ep, dtype=jnp.int32), axis=0)
-    offsets_S = jnp.cumsum(counts_S) - counts_S
+    shard_counts = jnp.sum(jax.nn.one_hot(dest_A, ep, dtype=jnp.int32), axis=0)  # [ep]
+    shard_offsets = jnp.cumsum(shard_counts) - shard_counts
     r_A = jnp.arange(A)
-    valid_SA = r_A[None, :] < counts_S[:, None]
-    pos_SA = jnp.minimum(offsets_S[:, None] + r_A[None, :], A - 1)
-    send_x_SAD = jnp.where(valid_SA[..., None], x_ND[token_A[order_A][pos_SA]], 0)
-    send_e_SA = jnp.where(valid_SA, expert_sorted_A[pos_SA] - local * jnp.arange(ep)[:, None], local)
-    recv_x_SAD = jax.lax.all_to_all(send_x_SAD, axis, 0, 0, tiled=True)  # block s: what device s sent here
-    recv_e_SA = jax.lax.all_to_all(send_e_SA, axis, 0, 0, tiled=True)
+    valid = r_A[None, :] < shard_counts[:, None]  # [ep, A]
+    pos = jnp.minimum(shard_offsets[:, None] + r_A[None, :], A - 1)  # [ep, A]: positions in the sorted order
+    send_x = jnp.where(valid[..., None], source[token_A[order_A][pos]], 0)
+    send_expert = jnp.where(valid, expert_sorted_A[pos] - local * jnp.arange(ep)[:, None], local)  # local ids
+    recv_x = jax.lax.all_to_all(send_x, axis, 0, 0, tiled=True)
+    recv_expert = jax.lax.all_to_all(send_expert, axis, 0, 0, tiled=True)
     M = ep * A
-    y_MD = grouped_ffn(recv_x_SAD.reshape(M, -1), jnp.arange(M), recv_e_SA.reshape(M), local, w, impl)
-    back_SAD = jax.lax.all_to_all(y_MD.reshape(ep, A, -1), axis, 0, 0, tiled=True)  # block s: from shard s
+    y_MD = grouped_ffn(recv_x.reshape(M, -1), jnp.arange(M), recv_expert.reshape(M), local, w, impl)
+    back = jax.lax.all_to_all(y_MD.reshape(ep, A, -1), axis, 0, 0, tiled=True)
     sent_A = dest_A < ep
     dest_A = jnp.minimum(dest_A, ep - 1)
-    y_sorted_AD = jnp.where(sent_A[:, None], back_SAD[dest_A, jnp.arange(A) - offsets_S[dest_A]], 0)
+    y_sorted_AD = jnp.where(sent_A[:, None], back[dest_A, r_A - shard_offsets[dest_A]], 0)
     return jnp.zeros_like(y_sorted_AD).at[order_A].set(y_sorted_AD, unique_indices=True)
 
 
-def _dropless_shard(x_BTD, expert_BTK, gate_BTK, w, *, n_experts, impl, expert_axis, ep, mlp_axis):
+def _dropless_shard(x_BTD, expert_BTZ, gate_BTZ, w, *, n_experts, impl, expert_axis, ep, mlp_axis):
     B, T, D = x_BTD.shape
-    K = expert_BTK.shape[-1]
-    x_ND = x_BTD.reshape(B * T, D)
-    expert_A = expert_BTK.reshape(-1)
-    token_A = jnp.arange(expert_A.shape[0]) // K
+    Z = expert_BTZ.shape[-1]
+    expert_A = expert_BTZ.reshape(-1)
+    token_A = jnp.arange(expert_A.shape[0]) // Z  # flat token index of each assignment
     if ep == 1:
-        y_AD = grouped_ffn(x_ND, token_A, expert_A, n_experts, w, impl)
+        y_AD = grouped_ffn(x_BTD.reshape(B * T, D), token_A, expert_A, n_experts, w, impl)
     else:
-        y_AD = _exchange_and_compute(x_ND, token_A, expert_A, n_experts, w, impl, expert_axis, ep)
-    y_ND = jnp.einsum("nkd,nk->nd", y_AD.reshape(B * T, K, D), gate_BTK.reshape(B * T, K).astype(y_AD.dtype),
-                      preferred_element_type=jnp.float32)
+        y_AD = _exchange_and_compute(x_BTD.reshape(B * T, D), token_A, expert_A, n_experts, w, impl, expert_axis, ep)
+    y_BTD = jnp.einsum("btzd,btz->btd", y_AD.reshape(B, T, Z, D), gate_BTZ.astype(y_AD.dtype),
+                       preferred_element_type=jnp.float32)
     if mlp_axis is not None:
-        y_ND = jax.lax.psum(y_ND, mlp_axis)
-    return y_ND.astype(x_BTD.dtype).reshape(B, T, D)
+        y_BTD = jax.lax.psum(y_BTD, mlp_axis)
+    return y_BTD.astype(x_BTD.dtype)
 
 
 def _capacity_shard(x_BTD, token_BEC, gate_BEC, w, *, expert_axis, ep, mlp_axis):
@@ -127,33 +128,33 @@ def _capacity_shard(x_BTD, token_BEC, gate_BEC, w, *, expert_axis, ep, mlp_axis)
 # Entry points
 
 
-def dropless(x_BTD, expert_BTK, gate_BTK, w: ExpertWeights, *, impl: str = "auto"):
+def dropless(x_BTD, expert_BTZ, gate_BTZ, w: ExpertWeights, *, impl: str = "auto"):
     n_experts = w.gate_EDF.shape[0]
-    return _on_mesh(functools.partial(_dropless_shard, n_experts=n_experts, impl=impl), x_BTD, expert_BTK, gate_BTK, w)
+    return _on_mesh(functools.partial(_dropless_shard, n_experts=n_experts, impl=impl), x_BTD, expert_BTZ, gate_BTZ, w)
 
 
 def capacity(x_BTD, token_BEC, gate_BEC, w: ExpertWeights):
     return _on_mesh(_capacity_shard, x_BTD, token_BEC, gate_BEC, w)
 
 
-def capacity_slots(expert_BTK, gate_BTK, n_experts: int, capacity: int):
+def capacity_slots(expert_BTZ, gate_BTZ, n_experts: int, capacity: int):
     """Token-choice assignments -> slot form, per sequence. Priority is sequence order: an assignment past
     its expert's `capacity` is dropped (the token keeps its residual). GShard instead serves every first
     choice before any second one, which in a decoder lets later tokens decide whether an earlier token's
     second choice is dropped (a leak from the future); in sequence order a drop depends on the past only.
     -> (token_BEC, gate_BEC, kept assignments, FFN assignments)."""
-    B, T, K = expert_BTK.shape
-    expert_BA = expert_BTK.reshape(B, T * K)
-    gate_BA = gate_BTK.reshape(B, T * K)
+    B, T, Z = expert_BTZ.shape
+    expert_BA = expert_BTZ.reshape(B, T * Z)
+    gate_BA = gate_BTZ.reshape(B, T * Z)
     onehot_BAE = jax.nn.one_hot(expert_BA, n_experts, dtype=jnp.int32)
     pos_BA = jnp.sum((jnp.cumsum(onehot_BAE, axis=1) - 1) * onehot_BAE, axis=-1)
     routed_BA = expert_BA < n_experts
     kept_BA = routed_BA & (pos_BA < capacity)
     target_BA = jnp.where(kept_BA, expert_BA, n_experts)  # out of range: dropped by the scatter
-    token_BA = jnp.broadcast_to(jnp.repeat(jnp.arange(T, dtype=jnp.int32), K), (B, T * K))
-    b_BA = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T * K))
+    token_BA = jnp.broadcast_to(jnp.repeat(jnp.arange(T, dtype=jnp.int32), Z), (B, T * Z))
+    b_BA = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T * Z))
     token_BEC = jnp.zeros((B, n_experts, capacity), jnp.int32).at[b_BA, target_BA, pos_BA].set(token_BA, mode="drop")
-    gate_BEC = jnp.zeros((B, n_experts, capacity), gate_BTK.dtype).at[b_BA, target_BA, pos_BA].set(gate_BA, mode="drop")
+    gate_BEC = jnp.zeros((B, n_experts, capacity), gate_BTZ.dtype).at[b_BA, target_BA, pos_BA].set(gate_BA, mode="drop")
     return token_BEC, gate_BEC, jnp.sum(kept_BA), jnp.sum(routed_BA)
 
 

@@ -1,14 +1,15 @@
 """MoE routers and balancing, as pure functions of fp32 router logits (layers/moe.py calls them).
 
 Token choice (each token picks k experts):
-  scores_NE = softmax(logits) or sigmoid(logits); the top-k of scores + bias are chosen (the bias is the
-  aux-loss-free balancing state, DeepSeek-V3: it steers selection only); gates are the unbiased scores of
-  the chosen experts, optionally renormalised to sum to 1 over the k.
+  scores = softmax(logits) or sigmoid(logits) over the router outputs; the top-k of scores + bias are
+  chosen (the bias is the aux-loss-free balancing state, DeepSeek-V3: it steers selection only); gates are
+  the unbiased scores of the chosen experts, optionally renormalised to sum to 1 over the k.
   MoGE (Pangu Pro MoE): the E experts form G contiguous groups and each token takes its top-(k/G) inside
-  every group, so each group (one device under expert parallelism) gets exactly N k / G assignments.
+  every group, so each group (one device under expert parallelism) gets exactly (tokens × k) / G assignments.
 Expert choice (Zhou et al. 2022): each expert takes the top-C tokens of a sequence by softmax score.
+Shapes: O router outputs (the experts, plus MoE++'s zero-computation ones), Z the k choices of a token.
 
-Balancing: the Switch/GShard loss E Σᵢ fᵢ Pᵢ (fᵢ: share of the N k assignments that went to expert i,
+Balancing: the Switch/GShard loss O Σᵢ fᵢ Pᵢ (fᵢ: share of the token choices that went to output i,
 Pᵢ: mean router probability of i), the ST-MoE router z-loss mean(logsumexp(logits)²), and the
 aux-loss-free bias update bᵢ += u sign(mean load − loadᵢ).
 """
@@ -19,30 +20,30 @@ import jax
 import jax.numpy as jnp
 
 
-def scores(logits_NE: jax.Array, score: str) -> jax.Array:
+def scores(logits_BTO: jax.Array, score: str) -> jax.Array:
     if score == "softmax":
-        return jax.nn.softmax(logits_NE, axis=-1)
+        return jax.nn.softmax(logits_BTO, axis=-1)
     if score == "sigmoid":
-        return jax.nn.sigmoid(logits_NE)
+        return jax.nn.sigmoid(logits_BTO)
     raise ValueError(f"router score {score!r} is not softmax or sigmoid")
 
 
-def token_choice(scores_NE: jax.Array, k: int, *, renormalize: bool, bias_E: jax.Array | None = None,
+def token_choice(scores_BTO: jax.Array, k: int, *, renormalize: bool, bias_O: jax.Array | None = None,
                  n_groups: int = 1) -> tuple[jax.Array, jax.Array]:
-    """-> (expert_NK int32, gate_NK fp32). With n_groups > 1 (MoGE) the k choices are k / n_groups per group,
-    listed group by group."""
-    N, E = scores_NE.shape
-    select_NE = scores_NE if bias_E is None else scores_NE + bias_E
+    """-> (expert_BTZ int32, gate_BTZ fp32), Z = k. With n_groups > 1 (MoGE) the k choices are k / n_groups
+    per group, listed group by group."""
+    *lead, O = scores_BTO.shape
+    select_BTO = scores_BTO if bias_O is None else scores_BTO + bias_O
     if n_groups == 1:
-        _, expert_NK = jax.lax.top_k(select_NE, k)
+        _, expert_BTZ = jax.lax.top_k(select_BTO, k)
     else:
-        per_group = E // n_groups
-        _, local_NGk = jax.lax.top_k(select_NE.reshape(N, n_groups, per_group), k // n_groups)
-        expert_NK = (local_NGk + per_group * jnp.arange(n_groups)[None, :, None]).reshape(N, k)
-    gate_NK = jnp.take_along_axis(scores_NE, expert_NK, axis=-1)
+        per_group = O // n_groups
+        _, local = jax.lax.top_k(select_BTO.reshape(*lead, n_groups, per_group), k // n_groups)  # [B, T, G, k/G]
+        expert_BTZ = (local + per_group * jnp.arange(n_groups)[:, None]).reshape(*lead, k)
+    gate_BTZ = jnp.take_along_axis(scores_BTO, expert_BTZ, axis=-1)
     if renormalize:
-        gate_NK = gate_NK / jnp.sum(gate_NK, axis=-1, keepdims=True)
-    return expert_NK.astype(jnp.int32), gate_NK
+        gate_BTZ = gate_BTZ / jnp.sum(gate_BTZ, axis=-1, keepdims=True)
+    return expert_BTZ.astype(jnp.int32), gate_BTZ
 
 
 def expert_choice(scores_BTE: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -52,31 +53,31 @@ def expert_choice(scores_BTE: jax.Array, capacity: int) -> tuple[jax.Array, jax.
     return token_BEC.astype(jnp.int32), gate_BEC
 
 
-def assignment_counts(expert_NK: jax.Array, n_experts: int) -> jax.Array:
-    """Assignments per expert [E] (fp32); ids outside [0, E) count for none."""
-    return jnp.sum(jax.nn.one_hot(expert_NK, n_experts, dtype=jnp.float32), axis=(0, 1))
+def assignment_counts(expert_BTZ: jax.Array, n_outputs: int) -> jax.Array:
+    """Assignments per router output [O] (fp32); ids outside [0, O) count for none."""
+    return jnp.sum(jax.nn.one_hot(expert_BTZ, n_outputs, dtype=jnp.float32), axis=tuple(range(expert_BTZ.ndim)))
 
 
-def balance_loss(scores_NE: jax.Array, expert_NK: jax.Array, score: str) -> jax.Array:
-    """E Σᵢ fᵢ Pᵢ (Switch Transformer eq. 4 with fᵢ over the k choices): 1 when routing is uniform.
+def balance_loss(scores_BTO: jax.Array, expert_BTZ: jax.Array, score: str) -> jax.Array:
+    """O Σᵢ fᵢ Pᵢ (Switch Transformer eq. 4 with fᵢ over the k choices): 1 when routing is uniform.
     Pᵢ is the mean router probability; sigmoid scores are first normalised to sum to 1 per token
     (as DeepSeek-V3's sequence-wise balance loss does)."""
-    N, E = scores_NE.shape
-    f_E = assignment_counts(expert_NK, E) / expert_NK.size
-    probs_NE = scores_NE if score == "softmax" else scores_NE / jnp.sum(scores_NE, axis=-1, keepdims=True)
-    return E * jnp.sum(f_E * jnp.mean(probs_NE, axis=0))
+    O = scores_BTO.shape[-1]
+    f_O = assignment_counts(expert_BTZ, O) / expert_BTZ.size
+    probs_BTO = scores_BTO if score == "softmax" else scores_BTO / jnp.sum(scores_BTO, axis=-1, keepdims=True)
+    return O * jnp.sum(f_O * jnp.mean(probs_BTO.reshape(-1, O), axis=0))
 
 
-def router_z_loss(logits_NE: jax.Array) -> jax.Array:
+def router_z_loss(logits_BTO: jax.Array) -> jax.Array:
     """ST-MoE: mean over tokens of logsumexp(logits)²."""
-    return jnp.mean(jnp.square(jax.nn.logsumexp(logits_NE, axis=-1)))
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits_BTO, axis=-1)))
 
 
-def aux_free_update(bias_E: jax.Array, load_E: jax.Array, rate: float) -> jax.Array:
+def aux_free_update(bias_O: jax.Array, load_O: jax.Array, rate: float) -> jax.Array:
     """DeepSeek-V3: bᵢ += u · sign(mean load − loadᵢ): overloaded experts become less likely to be chosen."""
-    return bias_E + rate * jnp.sign(jnp.mean(load_E) - load_E)
+    return bias_O + rate * jnp.sign(jnp.mean(load_O) - load_O)
 
 
-def max_violation(load_E: jax.Array) -> jax.Array:
+def max_violation(load_O: jax.Array) -> jax.Array:
     """MaxVio (Loss-Free Balancing paper): max load / mean load − 1 (0 when perfectly balanced)."""
-    return jnp.max(load_E) / jnp.maximum(jnp.mean(load_E), 1e-9) - 1.0
+    return jnp.max(load_O) / jnp.maximum(jnp.mean(load_O), 1e-9) - 1.0

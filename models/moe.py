@@ -39,7 +39,7 @@ class MoEConfig(DecoderConfig):
     router: Literal["topk", "moge", "expert_choice"] = "topk"
     router_score: Literal["softmax", "sigmoid"] = "softmax"
     router_renormalize: bool = True  # gates / their sum over the k chosen
-    router_mlp: bool = False  # MoE++'s router D -> 8 R -> R with tanh instead of one matrix
+    router_mlp: bool = False  # MoE++'s router D -> 8 O -> O (O router outputs) with tanh, not one matrix
     n_groups: int = 2  # moge: expert groups G (one per device under expert parallelism), top-(k/G) in each
     # balancing
     balance: Literal["aux_loss", "aux_free", "none"] = "aux_loss"

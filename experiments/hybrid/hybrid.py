@@ -17,6 +17,7 @@ compares the architectures' IsoFLOP curves. Expected on CPU at these sizes: not 
 """
 
 import dataclasses
+import math
 
 from effax.models.hybrid import PRESETS, HybridConfig
 from effax.train.config import CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, OptimizerConfig, TrainConfig
@@ -38,6 +39,12 @@ ARCHS = ("attn", "mamba2", "samba", "gdn", "based")  # the architectures of the 
 DEPTH = {"attn": 4, "mamba2": 8, "samba": 4, "gdn": 4, "based": 5}  # layers (Mamba2 layers have no MLP)
 CPU_SIZES = dict(ssm_state=64, ssm_head_dim=32, chunk_size=64)  # smaller SSM state and heads than Mamba2's 128 / 64
 WINDOWS = {"samba": 128, "based": 64}  # sliding windows scaled to seq_len 256 (papers: 2048; Based 64-256)
+
+# The comparison sweep: every architecture at each target non-embedding size N, each trained to each budget C.
+SWEEP_N = (100e3, 200e3, 400e3)
+SWEEP_BUDGETS = (1e12, 2e12)
+SWEEP_HEAD_DIM = 16  # head dim of every attention / GDN / Based layer at these widths (n_heads = d_model / 16)
+LR_WIDTH = 0.2  # η = LR_WIDTH / d_model, the dense CPU mini-sweep's rule (experiments/scaling/dense.py)
 
 
 def model(arch: str, d_model: int, **fields) -> HybridConfig:
@@ -73,3 +80,39 @@ def get_config(variant: str | None = None) -> Config:
             checkpoint=CheckpointConfig(every=0, keep_last=1), eval=EvalConfig(every=0, batches=1))
     raise ConfigError(f"unknown variant {variant!r} of experiments/hybrid/hybrid.py; "
                       f"valid: {', '.join(filter(None, VARIANTS))}")
+
+
+def matched_size(arch: str, target: float, tolerance: float = 0.02) -> dict:
+    """The overrides of `arch`, at its depth, whose non-embedding parameter count is within `tolerance` of
+    `target`: d_model on a grid of the head dim and, for architectures with an MLP, the SwiGLU width d_ff
+    on a grid of 16 in [d_model, 4 d_model] (the finer knob), preferring d_ff nearest the usual 8/3 d_model;
+    else the nearest count.
+    η = LR_WIDTH / d_model."""
+    grid = 8 if arch == "mamba2" else SWEEP_HEAD_DIM  # Mamba2: heads of ssm_head_dim 16 over expand * d_model
+
+    def heads(d):  # Mamba2 has no attention heads: n_heads only has to divide d_model
+        return 1 if arch == "mamba2" else max(1, d // SWEEP_HEAD_DIM)
+
+    def error(d, d_ff):
+        cfg = model(arch, d, n_heads=heads(d), d_ff=d_ff, **({"ssm_head_dim": 16} if arch == "mamba2" else {}))
+        return abs(math.log(cfg.param_count(non_embedding=True) / target))
+
+    shapes = [(d, f) for d in range(grid, 513, grid) for f in ([0] if arch == "mamba2" else range(d, 4 * d + 1, 16))]
+    close = [p for p in shapes if error(*p) <= tolerance]
+    d, d_ff = min(close, key=lambda p: abs(math.log(max(p[1], 1) / (8 * p[0] / 3)))) if close else min(shapes, key=lambda p: error(*p))
+    size = {"model.d_model": d, "model.n_heads": heads(d), "optimizer.lr": round(LR_WIDTH / d, 6)}
+    return {**size, "model.ssm_head_dim": 16} if arch == "mamba2" else {**size, "model.d_ff": d_ff}
+
+
+def get_sweep(variant: str | None = None):
+    """One IsoFLOP block per architecture: the same parameter targets and budgets for all (module docstring).
+    A smoke-* variant gives a one-budget, one-size plan for tests and a first look."""
+    targets, budgets = (SWEEP_N[:1], (2e11,)) if variant and variant.startswith("smoke-") else (SWEEP_N, SWEEP_BUDGETS)
+    blocks = []
+    for arch in ARCHS:
+        fixed = model(arch, 64)  # the architecture's pattern and mixer sizes; width and heads come per size
+        extra = [f"model.pattern={','.join(fixed.pattern)}", f"model.n_layers={fixed.n_layers}",
+                 f"model.sliding_window={fixed.sliding_window}", "data.seq_len=256", "model.n_kv_heads=0"]
+        blocks.append(Scaling(budgets=list(budgets), sizes=[matched_size(arch, n) for n in targets], lr="config",
+                              batch=[8], arch=arch, warmup_fraction=0.1, extra=tuple(extra), min_steps=10))
+    return blocks

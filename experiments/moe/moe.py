@@ -1,6 +1,6 @@
 """Mixture-of-Experts on the State of the Union corpus: every router and expert set at equal active cost.
 
-    effax train experiments/moe/moe.py --workdir runs/moe                  # top-k + aux loss, ~6 min on 2 cores
+    effax train experiments/moe/moe.py --workdir runs/moe                  # top-k + aux loss, the quickstart's shape
     effax train experiments/moe/moe.py --variants                          # the smoke variants, one per mechanism
     effax sweep experiments/moe/moe.py --root runs/moe-sweep --dry-run     # the comparison sweep (get_sweep)
 
@@ -9,10 +9,11 @@ SwiGLU replaced by an MoE of E = 8 fine-grained experts, top-2, each of width d_
 FFN parameters equal the dense model's (the router adds D E per layer). docs/moe.md explains each key;
 docs/benchmarks.md has its step time against the dense model.
 
-The sweep trains five architectures at equal active parameters, two seeds each (10 runs, ~1 h at
-concurrency 2 on 2 cores): dense (SwiGLU of width d_ff), top-k + aux loss, aux-loss-free (sigmoid scores,
-DeepSeek-V3), MoGE (2 groups of 4), MoE++ (8 FFN + 1 zero + 1 copy + 2 constant experts with gating
-residuals, its experts widened so that the FFN share of its top-2, 2 · 8/12 experts, is again d_ff wide).
+The sweep trains five architectures at equal active parameters, two seeds each (10 runs; `--dry-run`
+estimates ~100 min at concurrency 1 on 2 cores): dense (SwiGLU of width d_ff), top-k + aux loss,
+aux-loss-free (sigmoid scores, DeepSeek-V3), MoGE (2 groups of 4), MoE++ (8 FFN + 1 zero + 1 copy +
+2 constant experts with gating residuals, its experts widened so that the FFN share of its top-2,
+2 · 8/12 experts, is again d_ff wide).
 """
 
 import dataclasses
@@ -21,7 +22,7 @@ from effax.models.moe import MoEConfig
 from effax.train.config import CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, OptimizerConfig, TrainConfig
 
 VARIANTS = {  # `effax train experiments/moe/moe.py --variants`
-    None: "d_model 256, 4 MoE layers (8 experts of width 352, top-2 + aux loss, dropless), 200 steps; ~6 min on 2 cores",
+    None: "d_model 256, 4 MoE layers (8 experts of width 352, top-2 + aux loss, dropless), 200 steps of 16 x 256 bytes",
     "smoke-topk": "tiny (d 64, 2 layers, 10 steps): top-2 of 4 fine-grained experts + 1 shared, aux loss + z-loss, dropless",
     "smoke-auxfree": "tiny: aux-loss-free balancing (DeepSeek-V3): sigmoid scores, a selection bias updated every step",
     "smoke-expert-choice": "tiny: expert-choice routing (Zhou et al. 2022), each expert takes T k / E tokens per sequence",

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attention_testing import compiled
 from effax.layers import attention as attn
 from effax.layers.attention import BlockSparse, Mask, Spans, attention, choose_impl, reference_attention
 from effax.layers.blockwise import blockwise_attention, schedule
@@ -85,7 +86,7 @@ def test_bf16_inputs():
     seg = jnp.asarray([[0] * 20 + [1] * 17, [3] * 5 + [4] * 9 + [7] * 23], jnp.int32)
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 37, n, 8)).astype(jnp.bfloat16) for i, n in enumerate((4, 2, 2)))
     mask = Mask(window=6, segment_ids_BT=seg)
-    got = jax.jit(lambda q, k, v: blockwise_attention(q, k, v, mask=mask, scale=8 ** -0.5, block_q=8, block_k=4))(q, k, v)
+    got = compiled(lambda q, k, v: blockwise_attention(q, k, v, mask=mask, scale=8 ** -0.5, block_q=8, block_k=4), q, k, v)(q, k, v)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(reference_attention(q, k, v, mask=mask), np.float32),
                                atol=3e-2, rtol=2e-2)
@@ -108,7 +109,9 @@ def test_auto_sends_to_cudnn_only_masks_it_takes(monkeypatch):
 
 
 def test_attention_entry_point_runs_blockwise():
-    q, k, v = (jax.random.normal(jax.random.key(i), (1, 100, n, 8)) for i, n in enumerate((2, 1, 1)))
+    """impl="blockwise" through `attention`, default blocks (64): T = 70 is two query blocks."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 70, n, 4)) for i, n in enumerate((2, 1, 1)))
     mask = Mask(window=30)
-    got = jax.jit(lambda q, k, v: attention(q, k, v, mask=mask, impl="blockwise"))(q, k, v)  # blocks of 64: two rows
-    np.testing.assert_allclose(got, reference_attention(q, k, v, mask=mask), atol=1e-5, rtol=1e-5)
+    got = compiled(lambda q, k, v: attention(q, k, v, mask=mask, impl="blockwise"), q, k, v)(q, k, v)
+    want = compiled(lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v)(q, k, v)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from attention_testing import compiled
 from effax.layers.attention import BlockSparse, Mask, Spans, attention, reference_attention
 from effax.layers.blockwise import blockwise_attention
 from effax.layers.masks import document_offsets_BT
@@ -107,10 +108,17 @@ def _blockwise(q, k, v, mask):
     return blockwise_attention(q, k, v, mask=mask, scale=P ** -0.5, block_q=BLOCKS[0], block_k=BLOCKS[1])
 
 
+@functools.cache
+def _blockwise_program(static, packed):
+    """One compiled forward+backward per static mask; masks that differ only in segment ids share it."""
+    args = (Mask(*static, segment_ids_BT=jnp.asarray(SEGMENTS) if packed else None), *_qkv())
+    return compiled(functools.partial(_output_and_grads, _blockwise), *args)
+
+
 IMPLS = {  # the reference and xla run eagerly (cheap after the first call); blockwise is one compile per mask
     "reference": functools.partial(_output_and_grads, lambda q, k, v, mask: reference_attention(q, k, v, mask=mask)),
     "xla": functools.partial(_output_and_grads, lambda q, k, v, mask: attention(q, k, v, mask=mask, impl="xla")),
-    "blockwise": jax.jit(functools.partial(_output_and_grads, _blockwise)),
+    "blockwise": lambda mask, *qkv: _blockwise_program(mask.static, mask.segment_ids_BT is not None)(mask, *qkv),
 }
 
 

@@ -106,8 +106,12 @@ def test_layer_equals_a_dense_loop_over_experts_forward_and_gradients(name):
         np.testing.assert_allclose(carry_out[CARRY], ref_logits, **TOL)  # handed to the next MoE layer
     if name == "capacity that drops":
         assert 0.2 < float(values["moe/dropped"]) < 1.0
-    if name == "capacity that drops nothing":
+    if name == "capacity that drops nothing":  # and it is the dropless result, gradients included
         assert float(values["moe/dropped"]) == 0.0
+        dropless = _run_layer(_layer(dataclasses.replace(cfg, dispatch="dropless")), x, d, carry)
+        np.testing.assert_allclose(y, dropless[0], **TOL)
+        for key in grads:
+            np.testing.assert_allclose(grads[key], dropless[3][key], err_msg=key, **TOL)
 
 
 def test_dropped_fraction_is_the_share_of_assignments_past_capacity():

@@ -51,7 +51,7 @@ def test_aux_free_bias_steers_selection_but_never_the_gates():
     bias_E = jnp.array([0.0, 0.0, 0.9, 0.0])
     for renormalize in (False, True):
         plain_e, plain_g = moe_routing.token_choice(scores_NE, 2, renormalize=renormalize)
-        biased_e, biased_g = moe_routing.token_choice(scores_NE, 2, renormalize=renormalize, bias_E=bias_E)
+        biased_e, biased_g = moe_routing.token_choice(scores_NE, 2, renormalize=renormalize, bias_O=bias_E)
         assert plain_e.tolist() == [[0, 1], [3, 2]] and biased_e.tolist() == [[2, 0], [2, 3]]  # selection moved
         expected = jnp.take_along_axis(scores_NE, biased_e, axis=1)  # the unbiased scores of what was chosen
         if renormalize:
@@ -67,7 +67,7 @@ def test_aux_free_update_moves_the_load_toward_balance():
     scores_NE = moe_routing.scores(logits_NE, "sigmoid")
 
     def step(bias_E, _):
-        expert, _ = moe_routing.token_choice(scores_NE, 1, renormalize=False, bias_E=bias_E)
+        expert, _ = moe_routing.token_choice(scores_NE, 1, renormalize=False, bias_O=bias_E)
         load_E = moe_routing.assignment_counts(expert, 4)
         return moe_routing.aux_free_update(bias_E, load_E, 1e-2), moe_routing.max_violation(load_E)
 

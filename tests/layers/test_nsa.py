@@ -1,5 +1,5 @@
 """Native Sparse Attention: the mixer against the paper's equations written per query in numpy (packed
-documents included), cached decoding against the full forward, and its counts."""
+documents included), its gradients and counts. Cached decoding: tests/layers/test_sparse_mixers.py."""
 
 import dataclasses
 import functools
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from attention_testing import compiled, filled
 from effax.layers.mixer import LayerContext, mixer
 from effax.models import registry
 from effax.models.dense import Dense, DenseConfig
@@ -25,7 +26,7 @@ SEGMENTS = np.array([[1] * T, [1] * 9 + [2] * 15])  # row 1: a second document s
 
 @functools.cache
 def _layer():
-    return mixer("nsa")(CFG, rngs=nnx.Rngs(3))
+    return filled(lambda: mixer("nsa")(CFG, rngs=nnx.Rngs(3)), seed=3)
 
 
 def _reference(layer, x_BTD, positions_BT, segments):
@@ -92,7 +93,7 @@ def test_forward_follows_the_paper_per_query(packed):
     segments = SEGMENTS if packed else np.ones((B, T), np.int32)
     positions = np.asarray([[t - max(s for s in range(t + 1) if s == 0 or row[s] != row[s - 1]) for t in range(T)] for row in segments])
     ctx = LayerContext(positions_BT=jnp.asarray(positions), segment_ids_BT=jnp.asarray(segments) if packed else None)
-    got = jax.jit(lambda x: layer(x, ctx))(x)
+    got = compiled(lambda x: layer(x, ctx), x)(x)
     np.testing.assert_allclose(got, _reference(layer, x, jnp.asarray(positions), segments), atol=1e-5, rtol=1e-5)
 
 
@@ -103,37 +104,9 @@ def test_gradients_reach_every_parameter():
     graphdef, params = nnx.split(layer)
     x = jax.random.normal(jax.random.key(1), (1, T, CFG.d_model))
     ctx = LayerContext(positions_BT=jnp.arange(T)[None])
-    grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x, ctx) ** 2)))(params)
+    grads = compiled(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x, ctx) ** 2)), params)(params)
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.abs(np.asarray(g)).max() > 0, path
-
-
-def test_cached_decoding_equals_the_full_forward():
-    """As for the other mixers: right-padded prompts, a teacher-forced continuation; the compressed blocks
-    completed while decoding and the blocks selected from them must match the full forward's."""
-    model = Dense(CFG, rngs=nnx.Rngs(1))
-    graphdef, state = nnx.split(model)
-    lengths, n_steps, V = (3, 10, 15), 9, CFG.vocab_size
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, V, n).tolist() for n in lengths]
-    cont = rng.integers(0, V, (len(lengths), n_steps))
-    tokens_BT = rng.integers(0, V, (len(lengths), max(lengths))).astype(np.int32)
-    for b, p in enumerate(prompts):
-        tokens_BT[b, : len(p)] = p
-    cache = model.init_cache(len(lengths), max(lengths) + n_steps)
-    logits_BV, cache = jax.jit(lambda s, t, n, c: nnx.merge(graphdef, s).prefill(t, n, c))(
-        state, jnp.asarray(tokens_BT), jnp.asarray(lengths), cache)
-    decode = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode_step(t, c))
-    steps = [np.asarray(logits_BV)]
-    for i in range(n_steps):
-        logits_BV, cache = decode(state, jnp.asarray(cont[:, i]), cache)
-        steps.append(np.asarray(logits_BV))
-    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
-    width = max(lengths) + n_steps
-    for b, p in enumerate(prompts):
-        full = np.asarray(forward(state, jnp.asarray([p + cont[b].tolist() + [0] * (width - len(p) - n_steps)], jnp.int32)))[0]
-        for i, got in enumerate(steps):
-            np.testing.assert_allclose(got[b], full[len(p) - 1 + i], atol=5e-5, rtol=5e-5, err_msg=f"row {b} step {i}")
 
 
 def test_counts():

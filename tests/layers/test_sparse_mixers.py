@@ -1,6 +1,7 @@
-"""The sparse-mask mixers (sink_swa, chunked, block_sparse, moa) in a model: cached decoding equals the full
-forward with right-padded prompts (so sink slots, rings, per-head span eviction and the full cache of
-strided blocks all hold), cache sizes, counts, and config errors naming their key."""
+"""The sparse-attention mixers (sink_swa, chunked, block_sparse, moa, nsa) in one model: cached decoding equals
+the full forward with right-padded prompts (so sink slots, rings, per-head span eviction, the full cache
+of strided blocks and NSA's compressed and selected blocks all hold), cache sizes, counts, and config
+errors naming their key."""
 
 import dataclasses
 import functools
@@ -12,24 +13,28 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from attention_testing import compiled, filled
 from effax.layers.mixer import mixer
 from effax.models import registry
 from effax.models.dense import Dense, DenseConfig
 
-PATTERN = ("sink_swa", "chunked", "block_sparse", "moa")
+PATTERN = ("sink_swa", "chunked", "block_sparse", "moa", "nsa")
 # Spans up to 4 + 0.25 * 25 < 11 keys by the end of the 25-token sequences below: the moa cache is a ring
-# (2 sinks + 11 slots), so tokens leave it while they are decoded. Head 1 of layer 3 sees no key before
-# offset 8 besides the sinks.
-PLAN = {"alphas": [[1, 2, 3, 4]] * 3 + [[2, -2, 0, 4]], "betas": [[0.25, 0.125, 0.0, 0.25]] * 3 + [[0.125, 0.25, 0.125, 0.0]]}
+# (2 sinks + 11 slots), so tokens leave it while they are decoded. Head 1 of layer 3 (the moa layer) sees
+# no key before offset 8 besides the sinks. The plan covers every layer; only layer 3 reads it.
+PLAN = {"alphas": [[1, 2, 3, 4]] * 3 + [[2, -2, 0, 4], [1, 2, 3, 4]],
+        "betas": [[0.25, 0.125, 0.0, 0.25]] * 3 + [[0.125, 0.25, 0.125, 0.0], [0.25, 0.125, 0.0, 0.25]]}
 LENGTHS = (3, 11, 17)  # right-padded prompts of different lengths; 17 > every window and chunk below
 N_STEPS = 8
 
 
 @functools.cache
 def _config(plan_path):
-    return DenseConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=64, init_std=0.2, pattern=PATTERN,
+    # NSA: compressed blocks of 4 every 2 tokens, top-4 selection blocks of 4 (one beyond the forced three), window 5.
+    return DenseConfig(vocab_size=64, d_model=32, n_layers=5, n_heads=4, n_kv_heads=2, d_ff=64, init_std=0.2, pattern=PATTERN,
                        sliding_window=5, attention_sinks=2, attention_chunk=6, sparse_block_size=3, sparse_local_blocks=2,
-                       sparse_global_blocks=1, sparse_stride_blocks=3, moa_plan=plan_path, moa_sinks=2)
+                       sparse_global_blocks=1, sparse_stride_blocks=3, moa_plan=plan_path, moa_sinks=2, nsa_compress_block=4,
+                       nsa_compress_stride=2, nsa_select_block=4, nsa_select_blocks=4, nsa_window=5)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,9 @@ def cfg(tmp_path_factory):
 def test_cached_decoding_equals_the_full_forward(cfg):
     """Teacher-forced, as tests/models/test_decoder.py does for attn and swa: prefill prompts right-padded
     with random tokens, decode a fixed continuation, compare every step with the full forward on the real
-    tokens. Tolerance 5e-5 (fp32): the same math over cache slots in another order."""
-    model = Dense(cfg, rngs=nnx.Rngs(1))
+    tokens. Tolerance 5e-5 (fp32): the same math over cache slots in another order (NSA: the blocks it
+    compresses while decoding and selects from them must be the full forward's)."""
+    model = filled(lambda: Dense(cfg, rngs=nnx.Rngs(1)), seed=1)
     graphdef, state = nnx.split(model)
     T, V = max(LENGTHS), cfg.vocab_size
     rng = np.random.default_rng(0)
@@ -53,18 +59,22 @@ def test_cached_decoding_equals_the_full_forward(cfg):
     for b, p in enumerate(prompts):
         tokens_BT[b, : len(p)] = p
     cache = model.init_cache(len(LENGTHS), T + N_STEPS)
-    sizes = [layer[0].pos.shape[-1] for layer in cache.layers]
+    sizes = [layer[0].pos.shape[-1] for layer in cache.layers[:4]]
     assert sizes == [2 + 5, 6, T + N_STEPS, 2 + 11]  # sinks + window, chunk, full (strided blocks), sinks + widest span
-    logits_BV, cache = jax.jit(lambda s, t, n, c: nnx.merge(graphdef, s).prefill(t, n, c))(
-        state, jnp.asarray(tokens_BT), jnp.asarray(LENGTHS), cache)
-    decode = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode_step(t, c))
+    nsa = cache.layers[4][0]
+    assert (nsa.slc.slots, nsa.win.slots, nsa.raw.slots, nsa.cmp.slots) == (T + N_STEPS, 5, 4, (T + N_STEPS - 4) // 2 + 1)
+    prefill = compiled(lambda s, t, n, c: nnx.merge(graphdef, s).prefill(t, n, c), state, tokens_BT, np.asarray(LENGTHS), cache)
+    logits_BV, cache = prefill(state, tokens_BT, np.asarray(LENGTHS), cache)
+    decode = compiled(lambda s, t, c: nnx.merge(graphdef, s).decode_step(t, c), state, cont[:, 0], cache)
     steps = [np.asarray(logits_BV)]
     for i in range(N_STEPS):
-        logits_BV, cache = decode(state, jnp.asarray(cont[:, i]), cache)
+        logits_BV, cache = decode(state, cont[:, i], cache)
         steps.append(np.asarray(logits_BV))
-    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
+    rows = np.zeros((1, T + N_STEPS), np.int32)
+    forward = compiled(lambda s, t: nnx.merge(graphdef, s)(t)[0], state, rows)
     for b, p in enumerate(prompts):
-        full = np.asarray(forward(state, jnp.asarray([p + cont[b].tolist() + [0] * (T - len(p))], jnp.int32)))[0]
+        rows[0] = p + cont[b].tolist() + [0] * (T - len(p))
+        full = np.asarray(forward(state, rows))[0]
         for i, got in enumerate(steps):
             np.testing.assert_allclose(got[b], full[len(p) - 1 + i], atol=5e-5, rtol=5e-5, err_msg=f"row {b} step {i}")
 
@@ -96,5 +106,5 @@ def test_bad_values_fail_naming_the_key(cfg, key, value, message):
 def test_a_plan_of_the_wrong_shape_is_refused(cfg, tmp_path):
     path = tmp_path / "small.json"
     path.write_text(json.dumps({"alphas": [[1, 2]], "betas": [[0.5, 0.5]]}))
-    with pytest.raises(registry.ConfigError, match="1 layers x 2 heads; the model has 4 x 4"):
+    with pytest.raises(registry.ConfigError, match="1 layers x 2 heads; the model has 5 x 4"):
         dataclasses.replace(cfg, moa_plan=str(path)).validate()
