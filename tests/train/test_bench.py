@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from xla_testing import xla_flags
 
 
 def test_bench_model_table(repo, tmp_path):
@@ -10,7 +11,7 @@ def test_bench_model_table(repo, tmp_path):
     out = subprocess.run([sys.executable, "-m", "effax.cli", "bench", "model", "experiments/quickstart.py:smoke",
                           "--set", "mesh.data=1", "--vary", "data.seq_len=32,64", "--steps", "1", "--repeats", "1",
                           "--warmup", "1", "--out", str(out_json)],
-                         cwd=repo, capture_output=True, text=True, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+                         cwd=repo, capture_output=True, text=True, env={"XLA_FLAGS": xla_flags(1),
                                                                         "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out_json.read_text())["rows"]

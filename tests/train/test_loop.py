@@ -15,6 +15,7 @@ import pytest
 from effax.train import config as config_lib
 from effax.train import loop
 from effax.train import metrics as metrics_lib
+from xla_testing import xla_flags
 
 SMOKE = "experiments/quickstart.py:smoke"
 QUIET = ["logging.tensorboard=false", "logging.progress=false"]
@@ -33,7 +34,7 @@ def train_losses(workdir) -> list[float]:
 
 
 def run_cli(workdir, overrides, devices=8, wait=True, config=SMOKE):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "effax.cli", "train", config, "--workdir", str(workdir), "--quiet", "--set", *overrides]
     if wait:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

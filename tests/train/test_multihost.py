@@ -11,6 +11,7 @@ import pytest
 
 from effax.train import distributed
 from effax.train import metrics as metrics_lib
+from xla_testing import xla_flags
 
 SMOKE = "experiments/quickstart.py:smoke"
 SETS = ["mesh.data=-1", "logging.tensorboard=false", "logging.progress=false"]
@@ -29,7 +30,7 @@ def free_port() -> int:
 
 def env(devices: int) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # not a Slurm step
-    return dict(clean, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
+    return dict(clean, XLA_FLAGS=xla_flags(devices), PYTHONUNBUFFERED="1")
 
 
 def train_cmd(workdir, sets, *extra):

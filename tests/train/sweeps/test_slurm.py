@@ -14,6 +14,7 @@ import submitit
 from effax.train import metrics as metrics_lib
 from effax.train.sweeps.launch import RunSpec
 from effax.train.sweeps.slurm import SlurmBackend
+from xla_testing import xla_flags
 
 SMOKE = "experiments/quickstart.py:smoke"
 SETS = ["mesh.data=-1", "logging.tensorboard=false", "logging.progress=false"]
@@ -39,7 +40,7 @@ def backend(slurm_env, repo, monkeypatch):
         monkeypatch.setenv(k, v)
     # Jobs inherit this process's environment; give them one fake device each, not the suite's 8.
     return SlurmBackend(cpus_per_task=1, max_parallel=2, poll_s=1.0,
-                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONUNBUFFERED": "1"})
+                        env={"XLA_FLAGS": xla_flags(1), "PYTHONUNBUFFERED": "1"})
 
 
 def spec(tmp_path, name, sets, **kw) -> RunSpec:

@@ -21,6 +21,7 @@ from effax.train.sweeps import spec as sweep
 from effax.train.sweeps import store as store_lib
 from effax.train.sweeps.launch import RunSpec
 from effax.train.sweeps.local import LocalBackend
+from xla_testing import xla_flags
 
 SMOKE = "experiments/quickstart.py:smoke"
 
@@ -290,7 +291,7 @@ def test_kill_relaunch_and_interrupt_lose_and_repeat_nothing(tmp_path):
     wd = [str(root / r.run_id) for r in runs]
     cmd = [sys.executable, "-m", "effax.cli", "sweep", exp, "--root", str(root), "--set", *common]
     out = open(tmp_path / "launcher.log", "a")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, not conftest's 8: faster
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1))  # one device, not conftest's 8: faster
     first = subprocess.Popen([*cmd, "--concurrency", "1"], stdout=out, stderr=subprocess.STDOUT, env=env)
     _wait_for(lambda: store_lib.finished_on_disk(wd[0]) and _checkpoints(wd[1]), "run 1 has a checkpoint", first)
     first.kill()  # SIGKILL: no clean-up; run 1's child is left running (it gets SIGTERM from the kernel)
