@@ -3,6 +3,7 @@
     effax train experiments/hybrid/hybrid.py --variants                         # the presets below
     effax train experiments/hybrid/hybrid.py:samba --workdir runs/samba          # Mamba2 + sliding window + MLP
     effax train experiments/hybrid/hybrid.py:smoke-gdn --workdir /tmp/gdn        # seconds; the tests run each smoke-*
+    effax train experiments/hybrid/hybrid.py:sambay --workdir runs/sambay        # also samba_yoco, yoco, hydra
     effax sweep experiments/hybrid/hybrid.py --root runs/hybrid --dry-run        # the comparison sweep's plan
 
 The presets at d_model 256 are sized to about the same non-embedding parameter count as the attention
@@ -19,7 +20,7 @@ compares the architectures' IsoFLOP curves. Expected on CPU at these sizes: not 
 import dataclasses
 import math
 
-from effax.models.hybrid import PRESETS, HybridConfig
+from effax.models.hybrid import PRESETS, HybridConfig, HydraConfig
 from effax.train.config import CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, OptimizerConfig, TrainConfig
 from effax.train.sweeps.spec import Scaling
 
@@ -34,11 +35,27 @@ VARIANTS = {  # `effax train experiments/hybrid/hybrid.py --variants`
     "smoke-gdn": "GDN then attention (the preset's layer types once each), d_model 32, 10 steps; the tests run it",
     "smoke-based": "gated conv, Based, sliding window (Based's layer types once each), d_model 32, 10 steps; the tests run it",
     "smoke-samba": "Mamba2 then sliding window, d_model 32, 10 steps; the tests run it",
+    "sambay": "SambaY: Samba self-decoder, memory Mamba, one KV layer, GMU / cross-attention cross-decoder, no RoPE; 8 layers",
+    "samba_yoco": "Samba+YOCO (SambaY's baseline): SambaY with cross-attention in place of the GMUs; 8 layers",
+    "yoco": "YOCO: sliding-window self-decoder, one KV layer, cross-attention cross-decoder; 8 layers",
+    "hydra": "Hydra: Mamba2 backbone, block-sparse attention, chunk-level MoE (4 experts, top 2), product-key memory; 4 layers",
+    "smoke-sambay": "window, memory Mamba, KV layer, GMU, cross-attention (SambaY's layer types once), d_model 32, 10 steps; the tests run it",
+    "smoke-yoco": "window, KV layer, cross-attention (YOCO's layer types once), d_model 32, 10 steps; the tests run it",
+    "smoke-hydra": "Mamba2 + chunk-level MoE, block-sparse attention + product-key memory, d_model 32, 10 steps; the tests run it",
 }
 ARCHS = ("attn", "mamba2", "samba", "gdn", "based")  # the architectures of the comparison, in sweep order
-DEPTH = {"attn": 4, "mamba2": 8, "samba": 4, "gdn": 4, "based": 5}  # layers (Mamba2 layers have no MLP)
+DEPTH = {"attn": 4, "mamba2": 8, "samba": 4, "gdn": 4, "based": 5,  # layers (Mamba2 layers have no MLP)
+         "sambay": 8, "samba_yoco": 8, "yoco": 8, "hydra": 4}  # decoder-decoders: depth a multiple of 4
 CPU_SIZES = dict(ssm_state=64, ssm_head_dim=32, chunk_size=64)  # smaller SSM state and heads than Mamba2's 128 / 64
-WINDOWS = {"samba": 128, "based": 64}  # sliding windows scaled to seq_len 256 (papers: 2048; Based 64-256)
+WINDOWS = {"samba": 128, "based": 64, "sambay": 128, "samba_yoco": 128, "yoco": 128}  # scaled to seq_len 256 (papers: 2048; Based 64-256; ArchScale's decoder-decoders 128)
+# Hydra at CPU scale: 4 experts (top 2) routed per chunk of 64, a product-key memory of 64^2 slots, blocks of 32.
+HYDRA_SIZES = dict(n_experts=4, top_k=2, moe_chunk=64, pkm_heads=4, pkm_keys=64, pkm_topk=8, pkm_key_dim=64,
+                   sparse_block_size=32)
+# The smoke variants hold a preset's layer types once; the decoder-decoders' in the order they need (the memory and
+# KV layers before the layers reading them; mamba2_memory is a Mamba2 block), Hydra's in two layers.
+SMOKE_PATTERNS = {"sambay": ("swa", "mamba2_memory", "yoco_kv", "gmu", "yoco_cross"), "yoco": ("swa", "yoco_kv", "yoco_cross"),
+                  "hydra": ("mamba2+chunk_moe", "block_sparse+pkm")}
+SMOKE_HYDRA = dict(moe_chunk=16, pkm_heads=2, pkm_keys=16, pkm_topk=4, pkm_key_dim=16, sparse_block_size=16)
 
 # The comparison sweep: every architecture at each target non-embedding size N, each trained to each budget C.
 SWEEP_N = (100e3, 200e3, 400e3)
@@ -51,8 +68,11 @@ def model(arch: str, d_model: int, **fields) -> HybridConfig:
     """One architecture of the comparison at a width (and its depth from DEPTH)."""
     pattern = {"attn": dict(pattern=("attn",))}.get(arch) or PRESETS[arch]
     window = {"sliding_window": WINDOWS[arch]} if arch in WINDOWS else {}
-    return HybridConfig(**{**pattern, **window, **CPU_SIZES, "d_model": d_model, "n_layers": DEPTH[arch],
-                                         "n_heads": max(1, d_model // 64), **fields})
+    merged = {**pattern, **window, **CPU_SIZES, **(HYDRA_SIZES if arch == "hydra" else {}), "d_model": d_model,
+              "n_layers": DEPTH[arch], "n_heads": max(1, d_model // 64), **fields}
+    if callable(merged["pattern"]):  # the decoder-decoders' layout depends on the depth
+        merged["pattern"] = merged["pattern"](merged["n_layers"])
+    return (HydraConfig if arch == "hydra" else HybridConfig)(**merged)
 
 
 def get_config(variant: str | None = None) -> Config:
@@ -66,13 +86,14 @@ def get_config(variant: str | None = None) -> Config:
     )
     if variant is None:
         return cfg
-    if variant in ARCHS:
+    if variant in DEPTH:
         return dataclasses.replace(cfg, model=model(variant, 256))
     if variant.startswith("smoke-") and variant in VARIANTS:  # the preset's layer types once each: compiles stay small
         arch = variant.removeprefix("smoke-")
-        layer_types = tuple(dict.fromkeys(PRESETS[arch]["pattern"]))
+        layer_types = SMOKE_PATTERNS.get(arch) or tuple(dict.fromkeys(PRESETS[arch]["pattern"]))
         tiny = model(arch, 32, pattern=layer_types, n_layers=max(2, len(layer_types)), n_heads=4, ssm_state=16,
-                     ssm_head_dim=16, chunk_size=16, feature_dim=4, **({"sliding_window": 16} if arch in WINDOWS else {}))
+                     ssm_head_dim=16, chunk_size=16, feature_dim=4, **({"sliding_window": 16} if arch in WINDOWS else {}),
+                     **(SMOKE_HYDRA if arch == "hydra" else {}))
         return dataclasses.replace(
             cfg, model=tiny, data=dataclasses.replace(cfg.data, seq_len=64),
             train=dataclasses.replace(cfg.train, steps=10, batch_size=8, log_every=1),

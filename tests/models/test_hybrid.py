@@ -129,7 +129,7 @@ def test_the_cache_is_fixed_size_recurrent_state():
 
 # --- the smoke experiments -----------------------------------------------------------------------------
 
-SMOKES = ("smoke-mamba2", "smoke-gdn", "smoke-based", "smoke-samba")
+SMOKES = ("smoke-mamba2", "smoke-gdn", "smoke-based", "smoke-samba", "smoke-sambay", "smoke-yoco", "smoke-hydra")
 
 
 def test_the_smoke_experiments_learn_on_the_demo_corpus(repo):
