@@ -79,7 +79,8 @@ class YocoKV(Attention):
     @classmethod
     def init_shared(cls, cfg, batch: int, max_len: int, dtype) -> dict:
         one = KVState.zeros(batch, max_len, cfg.kv_heads, cfg.dim_per_head, dtype, ring=False)
-        return {SHARED_KV: jax.tree.map(lambda a: a[None], one)}  # a leading [1]: the KVState write methods' index
+        # a leading [1] (the KVState write methods' index), sharded like an attention layer's cache
+        return {SHARED_KV: cls.constrain_state(jax.tree.map(lambda a: a[None], one))}
 
     def prefill(self, x_BTD, ctx: LayerContext, state, i):
         q_BTHP, k_BTKP, v_BTKP = self.qkv(x_BTD, ctx.positions_BT)
