@@ -4,7 +4,7 @@ against numpy references, cached decoding = the full forward, presets' layouts a
 
 One tiny model holds every layer type these presets add to the skeleton, once each, in the order they need: SambaY's
 memory Mamba (with Hydra's chunk-level MoE as its feed-forward), the KV layer (with the product-key memory), a GMU
-and a cross-attention layer: one set of compiles for all. (Their other layers, `mamba2`, `swa`, `block_sparse`,
+and a cross-attention layer (no feed-forward: compile time): one set of compiles for all. (Their other layers, `mamba2`, `swa`, `block_sparse`,
 are the skeleton's, with cached-decoding tests of their own.)
 Parameters drawn by numpy (tests/attention_testing.py), everything compiled with XLA's backend optimisation off.
 """
@@ -25,7 +25,7 @@ from effax.models import registry
 from effax.models.hybrid import HybridConfig, HydraConfig, sambay_pattern, samba_yoco_pattern, yoco_pattern
 
 TINY = HydraConfig(vocab_size=64, d_model=16, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=32, init_std=0.3,
-                   pattern=("mamba2_memory+chunk_moe", "yoco_kv+pkm", "gmu", "yoco_cross"), ssm_state=4, ssm_head_dim=8,
+                   pattern=("mamba2_memory+chunk_moe", "yoco_kv+pkm", "gmu+none", "yoco_cross+none"), ssm_state=4, ssm_head_dim=8,
                    chunk_size=4, n_experts=4, top_k=2, moe_chunk=4, pkm_heads=2, pkm_keys=4, pkm_topk=2, pkm_key_dim=8,
                    gmm_impl="reference")  # the exact ragged_dot: compiles in half the time of the xla grouped matmul
 LENGTHS = (3, 11, 17)  # right-padded prompts ending inside routing chunks of 4; decoding crosses chunk starts
