@@ -239,8 +239,10 @@ class MoR(Decoder):
                 if cfg.z_loss_coef:
                     rctx.aux_loss("mor/z_loss", cfg.z_loss_coef * moe_routing.router_z_loss(logits_BTN))
                 load_N = moe_routing.assignment_counts(choice_BTZ, cfg.n_recursions)
-                if cfg.balance == "aux_free" and rctx.train:
-                    memo["new_bias"] = moe_routing.aux_free_update(self.router_bias[...], load_N, cfg.bias_update_rate)
+                if cfg.balance == "aux_free":
+                    rctx.diagnostic("mor/router_bias", self.router_bias[...])
+                    if rctx.train:
+                        memo["new_bias"] = moe_routing.aux_free_update(self.router_bias[...], load_N, cfg.bias_update_rate)
                 rctx.diagnostic("mor/router_max_prob", jnp.mean(jnp.max(probs_BTN, axis=-1)))
             return Route(memo["depth_BT"] > r, memo["gate_BT"] if cfg.router_gate == "sigmoid" else None, T)
         # expert choice

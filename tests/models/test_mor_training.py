@@ -32,5 +32,7 @@ def test_smoke_variants_learn_on_the_demo_corpus(tmp_path, monkeypatch, repo):
         if variant != "smoke-recursive":
             assert len(figures["mor/depth_frac"]) == cfg.model.n_recursions + 1
             assert abs(sum(figures["mor/depth_frac"]) - 1) < 1e-5
+        if variant == "smoke-tc-kvshare":  # the aux-loss-free bias moved (by multiples of u) and was carried
+            assert np.abs(figures["mor/router_bias"]).max() >= cfg.model.bias_update_rate
         if variant == "smoke-ec":
             assert {"mor/router_bce", "mor/aux_router_bce", "mor/score_mean_layer1"} <= set(figures)
