@@ -17,7 +17,8 @@ Forward, per chunk c of Q tokens (cum: the chunk-local inclusive cumulative sum 
     y      = A v + (a * q) S_c,            a_t = [no document start in the chunk up to t] exp(cum_t)
     S_c+1  = d S_c + (b * k)^T v,          b_s = [s in the chunk's last document] exp(cum_Q - cum_s),
                                            d   = [no document start in the chunk] exp(cum_Q)
-It also writes every chunk's entering state S_c ([B, H, chunks * N', P'], fp32): the backward's residual.
+Under differentiation it also writes every chunk's entering state S_c ([B, H, chunks * N', P'], fp32): the
+backward's residual (inference and prefill skip it).
 
 Backward, per head, chunks in reverse with the state cotangent dS (of S_c+1) carried in registers:
     dv = A^T dy + (b * k) dS                          dA = dy v^T,  M = dA * A
@@ -99,8 +100,9 @@ def _first_seg(seg_ref, Q: int, segments: bool):
     return _pick(seg_ref[pl.ds(0, Q)], 0) if segments else jnp.int32(0)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, g_ref, seg_ref, s0_ref, y_ref, final_ref, states_ref, *, Q, n_chunks, N, segments,
+def _forward_kernel(q_ref, k_ref, v_ref, g_ref, seg_ref, s0_ref, y_ref, final_ref, *states_ref, Q, n_chunks, N, segments,
                     precision):
+    """states_ref: present only under differentiation (the backward's residual)."""
     def body(c, carry):
         S, enter_seg = carry
         start = pl.multiple_of(c * Q, Q)
@@ -108,7 +110,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, seg_ref, s0_ref, y_ref, final_re
         k = k_ref[pl.ds(start, Q), :].astype(F32)
         v = v_ref[pl.ds(start, Q), :].astype(F32)
         D, a, b, d, last_seg = _chunk_terms(g_ref, seg_ref, start, enter_seg, Q, segments)
-        states_ref[pl.ds(pl.multiple_of(c * N, N), N), :] = S
+        if states_ref:
+            states_ref[0][pl.ds(pl.multiple_of(c * N, N), N), :] = S
         A = _dot(q, k, 1, 1, precision) * D
         y = _dot(A, v, 1, 0, precision) + _dot(q * a[:, None], S, 1, 0, precision)
         y_ref[pl.ds(start, Q), :] = y.astype(y_ref.dtype)
@@ -183,7 +186,7 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == F32 else None
 
 
-def _forward(q, k, v, g, seg, s0, Q, segments, interpret):
+def _forward(q, k, v, g, seg, s0, Q, segments, interpret, save_states: bool):
     B, K, Tp, Np = q.shape
     H, Pp = v.shape[1], v.shape[3]
     n_chunks = Tp // Q
@@ -193,9 +196,9 @@ def _forward(q, k, v, g, seg, s0, Q, segments, interpret):
     return pl.pallas_call(
         kernel, grid=(B, H),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["g"], sp["seg"], sp["state"]],
-        out_specs=[sp["v"], sp["state"], sp["states"]],
-        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, Pp), F32), jax.ShapeDtypeStruct((B, H, Np, Pp), F32),
-                   jax.ShapeDtypeStruct((B, H, n_chunks * Np, Pp), F32)],
+        out_specs=[sp["v"], sp["state"]] + [sp["states"]] * save_states,
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, Pp), F32), jax.ShapeDtypeStruct((B, H, Np, Pp), F32)]
+                  + [jax.ShapeDtypeStruct((B, H, n_chunks * Np, Pp), F32)] * save_states,
         interpret=interpret, compiler_params=_compiler_params(interpret), name="linear_attention_fwd",
     )(q, k, v, g, seg, s0)
 
@@ -220,12 +223,12 @@ def _backward(q, k, v, g, seg, states, dy, dfinal, Q, segments, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _core(q, k, v, g, seg, s0, Q, segments, interpret):
-    y, final, _ = _forward(q, k, v, g, seg, s0, Q, segments, interpret)
+    y, final = _forward(q, k, v, g, seg, s0, Q, segments, interpret, save_states=False)  # not differentiated
     return y, final
 
 
 def _core_fwd(q, k, v, g, seg, s0, Q, segments, interpret):
-    y, final, states = _forward(q, k, v, g, seg, s0, Q, segments, interpret)
+    y, final, states = _forward(q, k, v, g, seg, s0, Q, segments, interpret, save_states=True)
     return (y, final), (q, k, v, g, seg, states)
 
 

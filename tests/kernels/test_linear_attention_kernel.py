@@ -100,6 +100,10 @@ def test_dispatch():
     y_ref, final_ref = jax.jit(lambda *a: _xla(4)(*a, seg, s0))(*arrays)  # auto on CPU is the XLA path
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(final, final_ref)
+    # the pallas forward outside differentiation (it skips the residual states)
+    y, final = jax.jit(lambda *a: _pallas(16)(*a, seg, s0))(*arrays)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
+    np.testing.assert_allclose(final, final_ref, rtol=1e-5, atol=1e-5 * np.abs(final_ref).max())
     with pytest.raises(ValueError, match="impl"):
         ops.linear_attention(*arrays, impl="triton")
     with pytest.raises(ValueError, match="power of two"):
@@ -119,9 +123,11 @@ def test_cuda_lowering_exports_on_cpu(dtype):
     args = [jax.ShapeDtypeStruct(s, d) for s, d in [((B, T, K, N), dtype), ((B, T, K, N), dtype), ((B, T, H, P), dtype),
                                                    ((B, T, H), jnp.float32), ((B, T), jnp.int32), ((B, H, P, N), jnp.float32)]]
     safety = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    exported = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=safety)(*args)
-    module = exported.mlir_module()
+    module = jax.export.export(jax.jit(grad), platforms=["cuda"], disabled_checks=safety)(*args).mlir_module()
     assert 'name = "linear_attention_fwd"' in module and 'name = "linear_attention_bwd"' in module
+    forward = jax.jit(lambda *a: kernel.linear_attention(*a[:4], segment_ids_BT=a[4], state_BHPN=a[5]))
+    module = jax.export.export(forward, platforms=["cuda"], disabled_checks=safety)(*args).mlir_module()
+    assert 'name = "linear_attention_fwd"' in module and 'name = "linear_attention_bwd"' not in module
 
 
 @settings(max_examples=3, deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate])
