@@ -1,5 +1,6 @@
 """Scalar-gated linear attention, written once: the chunked algorithm (training, prefill), the recurrent
-step (decoding) and the quadratic reference (tests). Mamba2's SSD (layers/ssm.py), Based (below) and
+step (decoding) and the quadratic reference (tests); the functions live in kernels/linear_attention/reference.py
+(the oracle of the Pallas kernel, whose op is kernels/linear_attention/ops.py) and are re-exported here. Mamba2's SSD (layers/ssm.py), Based (below) and
 any gated linear attention / retention variant with one decay per head and token are this recurrence:
 
     S_t = exp(g_t) S_{t-1} + v_t k_t^T          S_t: [P, N] per head, exp(g_t) in (0, 1]
