@@ -248,7 +248,9 @@ class MoR(Decoder):
         # expert choice
         score_BT = x32 @ self.router_w[r].astype(jnp.float32)
         aux_BT = jax.nn.gelu(jax.lax.stop_gradient(x32) @ self.aux_w1[r].astype(jnp.float32)) @ self.aux_w2[r].astype(jnp.float32)
-        if causal:
+        if causal and cfg.capacity_schedule[r] == 1:  # top-k keeps every token here: so does the causal decision
+            active_BT, buffer = prev_BT, T
+        elif causal:
             go_BT = aux_BT > 0 if cfg.generation_router == "aux_router" else jax.nn.sigmoid(score_BT) > cfg.router_threshold
             active_BT, buffer = prev_BT & go_BT, T
         else:

@@ -24,18 +24,18 @@ VARIANTS = {  # `effax train experiments/mor/mor.py --variants`
     None: "MoR: d_model 256, 8 unrolled layers (middle-cycle, 3 recursions of 2 shared layers), expert choice, 200 steps",
     "smoke-recursive": "tiny (d 32, 2 recursions of 1 shared layer, 8 steps): the recursive transformer, router none",
     "smoke-ec": "tiny: expert-choice routing (capacities 1, 1/2), recursion-wise KV, auxiliary causal router",
-    "smoke-ec-kvshare": "tiny: expert choice with recursive KV sharing, threshold router for generation",
-    "smoke-tc": "tiny: token-choice routing (top-1 of 2 depths), balance loss + z-loss, recursion-wise KV",
-    "smoke-tc-kvshare": "tiny: token choice with the aux-loss-free bias and KV sharing",
+    "smoke-tc-kvshare": "tiny: token choice (top-1 of 2 depths) with the aux-loss-free bias and recursive KV sharing",
 }
 
 SMOKE = {
     "smoke-recursive": {"router": "none"},
     "smoke-ec": {"router": "expert_choice"},
-    "smoke-ec-kvshare": {"router": "expert_choice", "kv_sharing": True, "generation_router": "threshold"},
-    "smoke-tc": {"router": "token_choice"},
     "smoke-tc-kvshare": {"router": "token_choice", "kv_sharing": True, "balance": "aux_free"},
 }
+
+# Between them the smoke variants cover each router (none, expert choice, token choice) and each KV strategy
+# (recursion-wise, sharing); tests/models/test_mor_training.py trains every one. Other pairs: --set, e.g.
+# `effax train experiments/mor/mor.py:smoke-ec --set model.kv_sharing=true model.generation_router=threshold`.
 
 # The equal-FLOPs comparison: overrides per architecture (the default model otherwise).
 ARCHITECTURES = {

@@ -208,11 +208,11 @@ def generation(**fields):
     return full, steps, cache, (lambda tokens, delta=zero: uncached(state, tokens, delta))
 
 
-TC_KV = dict(router="token_choice", kv_sharing=True, **MIDDLE)
-CAUSAL = [TC_KV, dict(generation_router="aux_router")]
+EC_KV = dict(kv_sharing=True, generation_router="aux_router")
+CAUSAL = [dict(router="token_choice", **MIDDLE), EC_KV]
 
 
-@pytest.mark.parametrize("fields", CAUSAL, ids=["token-choice-kv-sharing", "expert-choice-aux-router"])
+@pytest.mark.parametrize("fields", CAUSAL, ids=["token-choice-middle-cycle", "expert-choice-aux-router-kv-sharing"])
 def test_cached_generation_equals_the_uncached_forward(fields):
     full, steps, cache, uncached = generation(**fields)
     logits, aux = uncached(full)
@@ -222,13 +222,13 @@ def test_cached_generation_equals_the_uncached_forward(fields):
         for i, got in enumerate(steps):
             np.testing.assert_allclose(got[b], logits[b, n - 1 + i], **TOL, err_msg=f"row {b} step {i}")
     # (first, last +) one per (depth, layer), or depth 1's only with kv sharing
-    assert len(cache.layers) == (2 + 1 if fields.get("kv_sharing") else 3)
+    assert len(cache.layers) == (1 if fields.get("kv_sharing") else 2 + 3)
 
 
 def test_generation_never_reads_future_tokens():
     """Changing tokens after position p leaves the causal routers' logits up to p unchanged; expert choice's
     top-k over the row (training) does change them, which is why generation cannot use it."""
-    _, _, _, uncached = generation(generation_router="aux_router")
+    _, _, _, uncached = generation(**EC_KV)
     p = 11
     other = TOKENS.copy()
     other[:, p + 1:] = (other[:, p + 1:] + 1 + np.arange(T - p - 1)) % V
@@ -240,7 +240,7 @@ def test_generation_never_reads_future_tokens():
 def test_kv_sharing_reuses_the_first_recursions_keys_and_values():
     """Perturbing the first recursion's K/V as depths >= 1 read them leaves depth 1 unchanged and changes
     the output of every later depth (of the tokens that reach it)."""
-    _, _, _, uncached = generation(**TC_KV)
+    _, _, _, uncached = generation(**EC_KV)
     _, base = uncached(TOKENS)
     delta = {0: (jnp.full((B, T, 2, 8), 0.5), jnp.full((B, T, 2, 8), -0.5))}
     _, moved = uncached(TOKENS, delta)
