@@ -48,6 +48,7 @@ def test_smoke_variant_learns_on_the_demo_corpus(tmp_path, monkeypatch, variant)
     assert all(math.isfinite(x) for v in figures.values() for x in np.ravel(v))
 
 
+@pytest.mark.slow  # ~85 s: three training runs; expert parallelism per router is in tests/layers/test_moe_parallel.py
 def test_aux_free_is_expert_parallel_and_resumes_bit_for_bit(tmp_path, monkeypatch):
     """One-device reference (6 steps, checkpoints at 3 and 6); mesh.expert=4 resumes from the reference's
     step 3 (its last checkpoint removed), mesh.expert=2 × fsdp=4 runs from scratch. The selection bias

@@ -66,6 +66,7 @@ def one_device_reference(tmp_path_factory):
     return np.array(train_losses(workdir))
 
 
+@pytest.mark.slow  # ~90 s; the default suite kills and resumes bit for bit in test_non_trainable_state_survives_...
 def test_kill_and_resume_is_bit_exact(tmp_path):
     overrides = QUIET + ["checkpoint.every=4", "train.steps=24", "checkpoint.async_save=true"]
     full, killed = tmp_path / "full", tmp_path / "killed"

@@ -66,6 +66,7 @@ def test_array_of_two_runs_finishes(backend, tmp_path):
     assert [u for u in updates if u[1] == "finished"] and ("run0", "pending", 1) in updates
 
 
+@pytest.mark.slow  # ~55 s: two tasks through Slurm; the default suite runs Slurm arrays, retries and Ctrl-C
 def test_two_task_run_is_one_multihost_training(backend, tmp_path):
     run = spec(tmp_path, "multi", ["train.steps=4"], nodes=1, tasks_per_node=2)
     (result,) = backend.launch([run])

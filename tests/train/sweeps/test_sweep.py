@@ -282,6 +282,7 @@ def _sigint_default():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow  # ~100 s: three sweep launches of real training children; make test-slow runs it
 def test_kill_relaunch_and_interrupt_lose_and_repeat_nothing(tmp_path):
     root = tmp_path / "root"
     exp = experiment(tmp_path, '[["train.seed=0", "train.steps=8"], ["train.seed=1", "train.steps=300"], '
