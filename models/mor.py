@@ -173,6 +173,9 @@ class MoRConfig(DecoderConfig):
         if len(specs) != 1 or next(iter(specs)).mixer != "attn" or next(iter(specs)).ffn not in ("swiglu", "none"):
             raise ConfigError(f"model.pattern={self.pattern!r}: Mixture-of-Recursions shares one kind of layer, "
                               f"attn with swiglu or none (e.g. model.pattern=attn)")
+        if self.remat != "none":
+            raise ConfigError(f"model.remat={self.remat!r}: Mixture-of-Recursions runs its own unrolled layer loop, which "
+                              f"has no rematerialisation yet; use model.remat=none")
         caps = self.capacity_schedule
         if len(caps) != N or not all(0 < c <= 1 for c in caps) or any(b > a for a, b in zip(caps, caps[1:])):
             raise ConfigError(f"model.capacities={self.capacities!r} must list {N} non-increasing fractions in (0, 1] "
