@@ -24,7 +24,9 @@ def get_config(variant: str | None = None) -> Config:
         model=DenseConfig(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2),
         data=DataConfig(source="sotu", tokenizer="byte", seq_len=256),
         train=TrainConfig(steps=200, batch_size=16, seed=0, log_every=10,
-                          sample_prompt="The state of the Union is", sample_tokens=160),
+                          sample_prompt="The state of the Union is", sample_tokens=160,
+                          # sampled, not greedy: a 200-step byte model's argmax loops on "the the the"
+                          sample_temperature=0.8, sample_top_p=0.9),
         optimizer=OptimizerConfig(lr=3e-3, schedule="cosine", warmup_steps=20, weight_decay=0.1),
         checkpoint=CheckpointConfig(every=100, keep_last=2),
         eval=EvalConfig(every=50, batches=8),

@@ -50,8 +50,10 @@ class TrainConfig:
     seed: int = 0
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2), e.g. 1e-4
     log_every: int = 10
-    sample_prompt: str = ""  # if set, a greedy continuation of it is printed when training ends
+    sample_prompt: str = ""  # if set, a continuation of it is printed when training ends
     sample_tokens: int = 200
+    sample_temperature: float = 0.0  # 0: greedy; else sampled (seed train.seed) at this temperature ...
+    sample_top_p: float = 1.0  # ... from the smallest set of tokens holding this much probability (nucleus)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +251,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.microbatches={t.microbatches}")
     if o.lr <= 0:
         raise ConfigError(f"optimizer.lr must be positive, got {o.lr}")
+    if t.sample_temperature < 0 or not 0 < t.sample_top_p <= 1:
+        raise ConfigError(f"train.sample_temperature must be >= 0 and train.sample_top_p in (0, 1], got "
+                          f"{t.sample_temperature} and {t.sample_top_p}")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optimizer.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     if not 0 < o.decay_fraction <= 1:

@@ -398,6 +398,10 @@ def _train(cfg: config_lib.Config, workdir: str, quiet: bool, stop: dict) -> int
                 say("sample: skipped in a multi-process run (use effax eval --suite generate)")
             elif cfg.train.sample_prompt:
                 model = nnx.merge(graphdef, state["params"], state["other"])
-                completion = generate(model, tokenizer, [cfg.train.sample_prompt], max_new_tokens=cfg.train.sample_tokens)[0]
-                say("sample (greedy): " + repr(cfg.train.sample_prompt + completion))
+                t = cfg.train
+                completion = generate(model, tokenizer, [t.sample_prompt], max_new_tokens=t.sample_tokens,
+                                      temperature=t.sample_temperature, top_p=t.sample_top_p, seed=t.seed)[0]
+                how = (f"temperature {t.sample_temperature}, top-p {t.sample_top_p}, seed {t.seed}"
+                       if t.sample_temperature > 0 else "greedy")
+                say(f"sample ({how}): " + repr(t.sample_prompt + completion))
     return exit_status

@@ -50,6 +50,8 @@ def test_bad_overrides_name_the_key(override, needle):
     (["data.source=text"], "data.path"),
     (["train.steps=0"], "train.steps must be positive"),
     (["eval.batch_size=-8"], "eval.batch_size must be >= 0"),
+    (["train.sample_top_p=0"], "train.sample_top_p in (0, 1]"),
+    (["train.sample_temperature=-1"], "train.sample_temperature must be >= 0"),
 ])
 def test_inconsistent_values_fail(overrides, needle):
     with pytest.raises(ConfigError) as e:
