@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+
+import pytest
 from xla_testing import xla_flags
 
 
@@ -18,3 +20,24 @@ def test_bench_model_table(repo, tmp_path):
     assert [r["variant"] for r in rows] == ["data.seq_len=32", "data.seq_len=64"]
     assert rows[0]["ratio"] == 1.0 and all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in rows)
     assert "data.seq_len=64" in out.stdout and "ratio" in out.stdout
+
+
+def test_bench_peer_refuses_what_a_llama_cannot_be(repo, monkeypatch, capsys):
+    """The peer is transformers' Llama: an MoE config is refused by name, before torch is imported."""
+    from effax.train import bench_peer
+
+    monkeypatch.chdir(repo)
+    assert bench_peer.main(["experiments/moe/moe.py:smoke-topk"]) == 2
+    assert "needs model.type=dense" in capsys.readouterr().err
+
+
+def test_bench_peer_builds_the_same_shape(repo, monkeypatch):
+    """Where transformers is installed (the bench extra): the Llama of the quickstart has effax's parameter count."""
+    transformers = pytest.importorskip("transformers")
+    from effax.train import bench_peer
+    from effax.train import config as config_lib
+
+    monkeypatch.chdir(repo)
+    cfg = config_lib.resolve("experiments/quickstart.py", ["model.vocab_size=384"])
+    model = transformers.LlamaForCausalLM(bench_peer.llama_config(cfg.model, cfg.data.seq_len))
+    assert sum(p.numel() for p in model.parameters()) == cfg.model.param_count()
