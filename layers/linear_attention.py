@@ -38,6 +38,7 @@ from flax import nnx
 
 from effax.kernels.linear_attention.reference import (  # noqa: F401  (the core lives with its kernel)
     _check, _new_document_BT, chunked, quadratic, recurrent, segment_sums, step)
+from effax.kernels.linear_attention import ops as la_ops
 from effax.layers.conv import require_fields
 from effax.layers.mixer import Layer, LayerContext, register_mixer
 from effax.layers.sharding import logical_init
@@ -98,6 +99,7 @@ class Based(Layer):
         require_fields(cfg, "feature_dim", "chunk_size", mixer="based")
         D, H, P, f = cfg.d_model, cfg.n_heads, cfg.dim_per_head, cfg.feature_dim
         self.dtype, self.chunk_size = jnp.dtype(cfg.dtype), cfg.chunk_size
+        self.la_impl = cfg.linear_attention_impl  # kernels/linear_attention/ops.py
         self.q = projection(rngs, cfg, (D, H, f), ("embed", "heads", None))
         self.k = projection(rngs, cfg, (D, H, f), ("embed", "heads", None))
         self.v = projection(rngs, cfg, (D, H, P), ("embed", "heads", "head_dim"))
@@ -131,7 +133,7 @@ class Based(Layer):
 
     def __call__(self, x_BTD, ctx: LayerContext):
         q, k, v = self._qkv(x_BTD)
-        y, _ = chunked(q, k, v, jnp.zeros(v.shape[:3], F32), chunk_size=self.chunk_size, segment_ids_BT=ctx.segment_ids_BT)
+        y, _ = la_ops.linear_attention(q, k, v, jnp.zeros(v.shape[:3], F32), chunk_size=self.chunk_size, impl=self.la_impl, segment_ids_BT=ctx.segment_ids_BT)
         return self._out(y)
 
     @classmethod
@@ -141,7 +143,7 @@ class Based(Layer):
     def prefill(self, x_BTD, ctx: LayerContext, state, i):
         q, k, v = self._qkv(x_BTD)
         k = jnp.where(ctx.valid_BT[:, :, None, None], k, 0.0)  # padding writes nothing (phi(k) has a constant 1)
-        y, final = chunked(q, k, v, jnp.zeros(v.shape[:3], F32), chunk_size=self.chunk_size)
+        y, final = la_ops.linear_attention(q, k, v, jnp.zeros(v.shape[:3], F32), chunk_size=self.chunk_size, impl=self.la_impl)
         return self._out(y), write_state(state, i, final)
 
     def decode(self, x_BTD, ctx: LayerContext, state, i):

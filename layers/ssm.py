@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effax.kernels.linear_attention import ops as la_ops
 from effax.layers import linear_attention as la
 from effax.layers.conv import causal_conv, conv_weight, history_at, next_history, require_fields
 from effax.layers.mixer import Layer, LayerContext, register_mixer
@@ -82,6 +83,7 @@ class Mamba2(Layer):
         D, W = cfg.d_model, cfg.conv_kernel
         param_dtype = jnp.dtype(cfg.param_dtype)
         self.sizes, self.dtype, self.chunk_size, self.eps = (E, H, P, N), jnp.dtype(cfg.dtype), cfg.chunk_size, cfg.norm_eps
+        self.la_impl = cfg.linear_attention_impl  # kernels/linear_attention/ops.py
 
         def param(init, shape, axes, **meta):
             return nnx.Param(logical_init(init, axes)(rngs.params(), shape, param_dtype), **meta)
@@ -143,7 +145,7 @@ class Mamba2(Layer):
     def __call__(self, x_BTD, ctx: LayerContext):
         z, xbc, dt_raw = self._project(x_BTD)
         xbc = self._convolve(xbc, segment_ids_BT=ctx.segment_ids_BT)
-        y, _ = la.chunked(*self.ssm_inputs(xbc, dt_raw), chunk_size=self.chunk_size, segment_ids_BT=ctx.segment_ids_BT)
+        y, _ = la_ops.linear_attention(*self.ssm_inputs(xbc, dt_raw), chunk_size=self.chunk_size, impl=self.la_impl, segment_ids_BT=ctx.segment_ids_BT)
         return self._out(y, xbc, z)
 
     # Decoding.
@@ -162,7 +164,7 @@ class Mamba2(Layer):
         q, k, v, g = self.ssm_inputs(xbc, dt_raw)
         valid = ctx.valid_BT
         k, g = jnp.where(valid[:, :, None, None], k, 0.0), jnp.where(valid[:, :, None], g, 0.0)
-        y, ssm = la.chunked(q, k, v, g, chunk_size=self.chunk_size)
+        y, ssm = la_ops.linear_attention(q, k, v, g, chunk_size=self.chunk_size, impl=self.la_impl)
         history = history_at(pre_conv, ctx.lengths_B, self.conv.shape[0])
         return self._out(y, xbc, z), la.write_state(state, i, {"ssm": ssm, "conv": history})
 

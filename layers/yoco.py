@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effax.kernels.linear_attention import ops as la_ops
 from effax.layers import linear_attention as la
 from effax.layers.attention import Attention, attention, cache_attention
 from effax.layers.conv import history_at, next_history
@@ -172,7 +173,7 @@ class Mamba2Memory(Mamba2):
     def __call__(self, x_BTD, ctx: LayerContext):
         z, xbc, dt_raw = self._project(x_BTD)
         xbc = self._convolve(xbc, segment_ids_BT=ctx.segment_ids_BT)
-        y, _ = la.chunked(*self.ssm_inputs(xbc, dt_raw), chunk_size=self.chunk_size, segment_ids_BT=ctx.segment_ids_BT)
+        y, _ = la_ops.linear_attention(*self.ssm_inputs(xbc, dt_raw), chunk_size=self.chunk_size, impl=self.la_impl, segment_ids_BT=ctx.segment_ids_BT)
         return self._remember(ctx, y, xbc, z)
 
     def prefill(self, x_BTD, ctx: LayerContext, state, i):
@@ -181,7 +182,7 @@ class Mamba2Memory(Mamba2):
         q, k, v, g = self.ssm_inputs(xbc, dt_raw)
         valid = ctx.valid_BT
         k, g = jnp.where(valid[:, :, None, None], k, 0.0), jnp.where(valid[:, :, None], g, 0.0)
-        y, ssm = la.chunked(q, k, v, g, chunk_size=self.chunk_size)
+        y, ssm = la_ops.linear_attention(q, k, v, g, chunk_size=self.chunk_size, impl=self.la_impl)
         history = history_at(pre_conv, ctx.lengths_B, self.conv.shape[0])
         return self._remember(ctx, y, xbc, z), la.write_state(state, i, {"ssm": ssm, "conv": history})
 

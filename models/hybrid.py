@@ -14,6 +14,7 @@ exactly which layers it had. docs/hybrid.md has each mixer's equations, keys and
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from effax.models.decoder import Decoder, DecoderConfig
 from effax.models.moe import MoEConfig
@@ -83,6 +84,10 @@ class HybridConfig(DecoderConfig):
     expand:       inner width / d_model of Mamba2 and of Based's gated convolution (2)
     conv_kernel:  width of the short causal convolutions (Mamba2, GDN: 4; Based: 3)
     chunk_size:   chunk length of the chunked algorithms: speed and memory only, the result is the same (64)
+    linear_attention_impl: the chunked core of Mamba2 and Based (kernels/linear_attention/ops.py): xla (the
+                  plain-JAX chunked form, default), pallas (the Pallas kernel; interpret mode off a GPU: tests
+                  only), auto (pallas on a GPU). The default stays xla until the kernel is measured on a GPU
+                  (docs/kernels.md). GDN's delta rule has no kernel yet.
     value_expand: gated DeltaNet's value head dim / key head dim (2); GDN uses n_heads heads of key dim
                   dim_per_head (set model.head_dim to 0.75 d_model / n_heads for the paper's 6 d_model^2 layer)
     feature_dim:  Based's projected q/k dim per head before the Taylor map (16); Based uses n_heads heads
@@ -99,6 +104,7 @@ class HybridConfig(DecoderConfig):
     expand: int = 2
     conv_kernel: int = 4
     chunk_size: int = 64
+    linear_attention_impl: Literal["auto", "xla", "pallas"] = "xla"
     value_expand: int = 2
     feature_dim: int = 16
     nope: bool = False
@@ -125,6 +131,9 @@ class HybridConfig(DecoderConfig):
                     "pkm_heads", "pkm_keys", "pkm_topk", "pkm_key_dim"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.linear_attention_impl != "xla" and (self.chunk_size < 16 or self.chunk_size & (self.chunk_size - 1)):
+            raise ConfigError(f"model.linear_attention_impl={self.linear_attention_impl} needs model.chunk_size a power "
+                              f"of two >= 16 (Triton blocks), got {self.chunk_size}")
         mixers = {s.mixer for s in self.layer_specs}
         if mixers & {"mamba2", "mamba2_memory", "gmu"} and (self.expand * self.d_model) % self.ssm_head_dim:
             raise ConfigError(f"model.ssm_head_dim={self.ssm_head_dim} must divide model.expand * model.d_model = "

@@ -139,3 +139,41 @@ def test_property_any_length_chunk_and_documents(T, chunk, grouped, state, cuts)
     got = _outputs_and_grads(_pallas(chunk), arrays, seg, s0, cot)
     want = _outputs_and_grads(_xla(chunk), arrays, seg, s0, cot)
     _assert_close(got, want, 1e-5)
+
+
+def test_layers_run_the_kernel_when_configured(monkeypatch):
+    """model.linear_attention_impl reaches Mamba2 and Based: the Pallas kernel (interpret mode) gives the
+    layers' xla output on packed rows, to the kernel's fp32 tolerance (relative to the output's scale)."""
+    import dataclasses
+
+    from flax import nnx
+    from recurrent_testing import TINY, close, fast, filled
+
+    from effax.layers.mixer import LayerContext
+    from effax.models.hybrid import Hybrid
+
+    T = 20
+    seg = jnp.asarray(np.array([[1] * 7 + [2] * 13, [3] * T]), jnp.int32)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, T, TINY.d_model)), jnp.float32)
+    calls = []  # the kernel's entry point, counted: the pallas run must reach it from both layers
+    real = kernel.linear_attention
+    monkeypatch.setattr(kernel, "linear_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = {}
+    for impl in ("xla", "pallas"):
+        cfg = dataclasses.replace(TINY, n_layers=2, pattern=("mamba2", "based+none"), chunk_size=16, linear_attention_impl=impl)
+        mixers = []  # each layer's mixer, its [R = 1] axis dropped (as recurrent_testing.mixers does)
+        for group in filled(lambda: Hybrid(cfg, rngs=nnx.Rngs(0))).blocks:
+            gdef, st = nnx.split(group.layers[0].mixer)
+            mixers.append(nnx.merge(gdef, jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[0]), st)))
+        graphdef, state = nnx.split(mixers)
+
+        @fast
+        @jax.jit
+        def forward(state, x_BTD, seg_BT):
+            ctx = LayerContext(positions_BT=jnp.broadcast_to(jnp.arange(T), (2, T)), segment_ids_BT=seg_BT)
+            return [mixer(x_BTD, ctx) for mixer in nnx.merge(graphdef, state)]
+
+        outs[impl] = [np.asarray(y) for y in forward(state, x, seg)]
+    assert len(calls) == 2  # Mamba2 and Based, traced once each in the pallas run, never in the xla run
+    for got, want in zip(outs["pallas"], outs["xla"]):
+        close(got, want)
