@@ -26,10 +26,10 @@ slurm:
 	@bash .ci/install-slurm
 
 test: install slurm
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 --dist worksteal -q
 
 test-slow: install slurm
-	$(PY) -m pytest -n 2 -q -m slow
+	$(PY) -m pytest -n 2 --dist worksteal -q -m slow
 
 clean:
 	rm -rf $(VENV) runs

@@ -132,7 +132,8 @@ def test_the_cache_is_fixed_size_recurrent_state():
 SMOKES = ("smoke-mamba2", "smoke-gdn", "smoke-based", "smoke-samba", "smoke-sambay", "smoke-yoco", "smoke-hydra")
 
 
-def test_the_smoke_experiments_learn_on_the_demo_corpus(repo):
+@pytest.mark.parametrize("variant", SMOKES)
+def test_the_smoke_experiments_learn_on_the_demo_corpus(repo, variant):
     """Each smoke variant of experiments/hybrid/hybrid.py: 10 training steps of the loop's own jitted train
     step (AdamW, the real data pipeline on the SOTU corpus), on one device and compiled as `fast` to keep
     compilation small.
@@ -143,18 +144,17 @@ def test_the_smoke_experiments_learn_on_the_demo_corpus(repo):
     from effax.train import loop
     from effax.train import mesh as mesh_lib
 
-    for variant in SMOKES:
-        cfg = config_lib.resolve(str(repo / f"experiments/hybrid/hybrid.py:{variant}"), ["mesh.data=1"])
-        cfg = loop.resolve_vocab(cfg, data_lib.tokenizer_for(cfg.data))
-        mesh = mesh_lib.make_mesh(cfg.mesh, devices=jax.devices()[:1])
-        rules = mesh_lib.rules(cfg.mesh)
-        trainer = loop.build_trainer(cfg, mesh, rules)
-        batches = data_lib.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=0, process_index=0, process_count=1)
-        losses = []
-        # rbg keys: XLA compiles the threefry generator's init ~3x slower, and the PRNG is not under test.
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), jax.default_prng_impl("rbg"):
-            state, train_step = fast(trainer.init_state)(), fast(trainer.train_step)
-            for _ in range(cfg.train.steps):
-                state, metrics = train_step(state, trainer.to_global(next(batches)))
-                losses.append(float(metrics["loss"]))
-        assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 1.0, (variant, losses)
+    cfg = config_lib.resolve(str(repo / f"experiments/hybrid/hybrid.py:{variant}"), ["mesh.data=1"])
+    cfg = loop.resolve_vocab(cfg, data_lib.tokenizer_for(cfg.data))
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+    rules = mesh_lib.rules(cfg.mesh)
+    trainer = loop.build_trainer(cfg, mesh, rules)
+    batches = data_lib.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=0, process_index=0, process_count=1)
+    losses = []
+    # rbg keys: XLA compiles the threefry generator's init ~3x slower, and the PRNG is not under test.
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), jax.default_prng_impl("rbg"):
+        state, train_step = fast(trainer.init_state)(), fast(trainer.train_step)
+        for _ in range(cfg.train.steps):
+            state, metrics = train_step(state, trainer.to_global(next(batches)))
+            losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 1.0, (variant, losses)
