@@ -214,6 +214,7 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_with_clean_metrics(tm
     assert all(r["loss"] != 9.0 for r in metrics_lib.read(str(tmp_path)))
 
 
+@pytest.mark.slow  # ~16 s; test_sigterm_saves_and_resumes covers the signal path by default
 def test_signal_during_eval_still_saves(tmp_path, monkeypatch):
     # A SIGTERM landing while validation runs (after the step decided whether to save) must still leave a
     # checkpoint at the step where the run stops.
@@ -231,6 +232,7 @@ def test_signal_during_eval_still_saves(tmp_path, monkeypatch):
     assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [last]
 
 
+@pytest.mark.slow  # ~10 s; as above
 def test_signal_during_start_up_still_saves(tmp_path, monkeypatch):
     # A Slurm time limit or scancel can land before the first step (data, compilation, restore): the run
     # must still stop with a checkpoint and 143, so the launcher records a timeout and a retry resumes.
