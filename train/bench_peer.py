@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -109,6 +110,9 @@ def main(argv: list[str]) -> int:
         print(f"effax bench peer: the peer is a Llama: needs model.type=dense with attn+swiglu layers, got "
               f"type={cfg.model.type} pattern={cfg.model.pattern} ffn={cfg.model.ffn}", file=sys.stderr)
         return 2
+    # torch's OpenMP threads spin for a while after each parallel region by default, taking the cores from
+    # effax's block that follows; passive waiting keeps the alternation fair (set before torch loads OpenMP).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import torch
         import transformers
