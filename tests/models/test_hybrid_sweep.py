@@ -23,7 +23,8 @@ def test_matched_sizes_hit_the_targets(arch):
 
 def test_the_sweep_holds_every_architecture_at_every_budget():
     runs, _ = sweep.expand("experiments/hybrid/hybrid.py")
-    archs = {r.arch for r in runs} if hasattr(runs[0], "arch") else None
     assert len(runs) == len(hybrid.ARCHS) * len(hybrid.SWEEP_N) * len(hybrid.SWEEP_BUDGETS)
-    if archs is not None:
-        assert archs == set(hybrid.ARCHS)
+    for arch in hybrid.ARCHS:  # every architecture at every budget, with its own pattern
+        mine = [r for r in runs if r.arch == arch]
+        assert {r.budget for r in mine} == set(hybrid.SWEEP_BUDGETS), arch
+        assert {r.cfg.model.pattern for r in mine} == {hybrid.model(arch, 64).pattern}, arch
