@@ -135,6 +135,10 @@ class Mamba2(Layer):
         A_H = -jnp.exp(self.A_log[...].astype(jnp.float32))
         return c_BT1N, b_BT1N, x_BTHP * dt_BTH[..., None], dt_BTH * A_H
 
+    def _finish(self, ctx: LayerContext, y_BTHP, xbc, z_BTE):
+        """The block's output from the SSM's; a subclass may also read it (SambaY's memory, layers/yoco.py)."""
+        return self._out(y_BTHP, xbc, z_BTE)
+
     def _out(self, y_BTHP, xbc, z_BTE):
         E, H, P, N = self.sizes
         x_BTHP = xbc[..., :E].reshape(y_BTHP.shape).astype(jnp.float32)
@@ -146,7 +150,7 @@ class Mamba2(Layer):
         z, xbc, dt_raw = self._project(x_BTD)
         xbc = self._convolve(xbc, segment_ids_BT=ctx.segment_ids_BT)
         y, _ = la_ops.linear_attention(*self.ssm_inputs(xbc, dt_raw), chunk_size=self.chunk_size, impl=self.la_impl, segment_ids_BT=ctx.segment_ids_BT)
-        return self._out(y, xbc, z)
+        return self._finish(ctx, y, xbc, z)
 
     # Decoding.
 
@@ -166,7 +170,7 @@ class Mamba2(Layer):
         k, g = jnp.where(valid[:, :, None, None], k, 0.0), jnp.where(valid[:, :, None], g, 0.0)
         y, ssm = la_ops.linear_attention(q, k, v, g, chunk_size=self.chunk_size, impl=self.la_impl)
         history = history_at(pre_conv, ctx.lengths_B, self.conv.shape[0])
-        return self._out(y, xbc, z), la.write_state(state, i, {"ssm": ssm, "conv": history})
+        return self._finish(ctx, y, xbc, z), la.write_state(state, i, {"ssm": ssm, "conv": history})
 
     def decode(self, x_BTD, ctx: LayerContext, state, i):
         z, pre_conv, dt_raw = self._project(x_BTD)
@@ -174,4 +178,4 @@ class Mamba2(Layer):
         xbc = self._convolve(pre_conv, history=own["conv"])
         y, ssm = la.recurrent(*self.ssm_inputs(xbc, dt_raw), valid_BT=ctx.valid_BT, state_BHPN=own["ssm"])
         history = next_history(own["conv"], pre_conv, ctx.valid_BT)
-        return self._out(y, xbc, z), la.write_state(state, i, {"ssm": ssm, "conv": history})
+        return self._finish(ctx, y, xbc, z), la.write_state(state, i, {"ssm": ssm, "conv": history})

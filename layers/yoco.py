@@ -22,10 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effax.kernels.linear_attention import ops as la_ops
-from effax.layers import linear_attention as la
 from effax.layers.attention import Attention, attention, cache_attention
-from effax.layers.conv import history_at, next_history
 from effax.layers.kv_cache import KVState
 from effax.layers.masks import Mask
 from effax.layers.mixer import Layer, LayerContext, register_mixer
@@ -164,35 +161,11 @@ class Mamba2Memory(Mamba2):
     def init_carry(cls, cfg, batch: int, seq_len: int) -> dict:
         return _memory_carry(cfg, batch, seq_len)
 
-    def _remember(self, ctx, y_BTHP, xbc, z_BTE):
+    def _finish(self, ctx, y_BTHP, xbc, z_BTE):
         E = self.sizes[0]
         x_BTHP = xbc[..., :E].reshape(y_BTHP.shape).astype(jnp.float32)
         ctx.carry[MEMORY] = (y_BTHP + self.D[...].astype(jnp.float32)[:, None] * x_BTHP).reshape(z_BTE.shape)
         return self._out(y_BTHP, xbc, z_BTE)
-
-    def __call__(self, x_BTD, ctx: LayerContext):
-        z, xbc, dt_raw = self._project(x_BTD)
-        xbc = self._convolve(xbc, segment_ids_BT=ctx.segment_ids_BT)
-        y, _ = la_ops.linear_attention(*self.ssm_inputs(xbc, dt_raw), chunk_size=self.chunk_size, impl=self.la_impl, segment_ids_BT=ctx.segment_ids_BT)
-        return self._remember(ctx, y, xbc, z)
-
-    def prefill(self, x_BTD, ctx: LayerContext, state, i):
-        z, pre_conv, dt_raw = self._project(x_BTD)
-        xbc = self._convolve(pre_conv)
-        q, k, v, g = self.ssm_inputs(xbc, dt_raw)
-        valid = ctx.valid_BT
-        k, g = jnp.where(valid[:, :, None, None], k, 0.0), jnp.where(valid[:, :, None], g, 0.0)
-        y, ssm = la_ops.linear_attention(q, k, v, g, chunk_size=self.chunk_size, impl=self.la_impl)
-        history = history_at(pre_conv, ctx.lengths_B, self.conv.shape[0])
-        return self._remember(ctx, y, xbc, z), la.write_state(state, i, {"ssm": ssm, "conv": history})
-
-    def decode(self, x_BTD, ctx: LayerContext, state, i):
-        z, pre_conv, dt_raw = self._project(x_BTD)
-        own = la.read_state(state, i)
-        xbc = self._convolve(pre_conv, history=own["conv"])
-        y, ssm = la.recurrent(*self.ssm_inputs(xbc, dt_raw), valid_BT=ctx.valid_BT, state_BHPN=own["ssm"])
-        history = next_history(own["conv"], pre_conv, ctx.valid_BT)
-        return self._remember(ctx, y, xbc, z), la.write_state(state, i, {"ssm": ssm, "conv": history})
 
 
 def gmu(x_BTD, m_BTE, w_in_DE, w_out_ED, norm_E=None, *, eps: float = 1e-5, dtype=jnp.float32):
