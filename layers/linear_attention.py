@@ -1,31 +1,10 @@
-"""Scalar-gated linear attention, written once: the chunked algorithm (training, prefill), the recurrent
-step (decoding) and the quadratic reference (tests); the functions live in kernels/linear_attention/reference.py
-(the oracle of the Pallas kernel, whose op is kernels/linear_attention/ops.py) and are re-exported here. Mamba2's SSD (layers/ssm.py), Based (below) and
-any gated linear attention / retention variant with one decay per head and token are this recurrence:
+"""Scalar-gated linear attention in the layers: S_t = exp(g_t) S_{t-1} + v_t k_t^T, y_t = S_t q_t per head.
 
-    S_t = exp(g_t) S_{t-1} + v_t k_t^T          S_t: [P, N] per head, exp(g_t) in (0, 1]
-    y_t = S_t q_t
-
-i.e. y_t = sum_{s <= t} exp(g_{s+1} + ... + g_t) (q_t . k_s) v_s. Shapes: q, k [B, T, K, N] shared by
-the G = H / K value heads of their group (Mamba2: K = 1 group of B/C for all heads; Based: K = H),
-v [B, T, H, P], g [B, T, H]. A variant chooses q, k, v and g: Mamba2 q = C, k = B, v = dt x,
-g = dt A; Based g = 0 with Taylor features; retention g = log gamma_h (a constant per head).
-
-Chunked form (Mamba2 paper, "SSD"; flash-linear-attention's chunk kernels). Cut T into chunks of Q:
-  inside a chunk, the masked quadratic form with decays exp(c_t - c_s) from the chunk-local cumulative
-  log decay c (the official kernels' form; c spans at most Q tokens, so the difference keeps fp32
-  precision), and each chunk's contribution to the state at its end;
-  across chunks, the state passes as S_(c+1) = exp(c_last) S_c + (chunk c's contribution), a linear
-  recurrence computed by an associative scan (log depth: no sequential loop over chunks), and each token
-  reads exp(c_t) q_t^T S_c from the state that entered its chunk.
-Cost per token O(Q N + Q P + N P) per head: flat in T.
-
-Packed documents (segment ids): the state resets at each document start. Inside a chunk a pair (t, s)
-counts only within one document; a token reads the entering state only if no document started in its
-chunk before it; a token adds to the chunk's final state only if it is in the chunk's last document.
-Segment ids must be equal exactly within a document and change at each boundary (train/data.py: 1, 2, ...).
-
-Everything here runs in fp32: decays, states and outputs (inputs are upcast).
+The chunked algorithm (training, prefill), the recurrent step (decoding) and the quadratic reference
+(tests) live in kernels/linear_attention/reference.py, whose docstring gives the equations, the chunked
+form and the packed-document rule; they are re-exported here. Training and prefill go through
+kernels/linear_attention/ops.py (impl: model.linear_attention_impl). Mamba2's SSD is layers/ssm.py; Based
+(below) is this recurrence with g = 0 on Taylor features. Everything runs in fp32 (inputs are upcast).
 """
 
 from __future__ import annotations
