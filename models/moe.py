@@ -49,7 +49,7 @@ class MoEConfig(DecoderConfig):
     # dispatch
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25  # capacity: C = ceil(T top_k factor / E) slots per expert and sequence
-    gmm_impl: Literal["auto", "xla", "megablox", "reference"] = "auto"  # dropless grouped matmul (kernels/gmm)
+    gmm_impl: Literal["auto", "xla", "pallas", "megablox", "reference"] = "auto"  # dropless grouped matmul (kernels/gmm)
 
     @property
     def layer_specs(self) -> tuple[LayerSpec, ...]:

@@ -6,8 +6,10 @@ Rows are sorted by group: rows [sum(sizes[:e]), sum(sizes[:e+1])) of lhs are mul
 past sum(sizes) (padding, or tokens routed to no expert) come out 0. Differentiable in lhs and rhs.
 
 impl (dispatch):
-  auto       megablox on TPU, xla elsewhere (the Pallas GPU kernel of kernels/gmm/kernel.py is not yet
-             written; it will take over on GPU)
+  auto       megablox on TPU, xla elsewhere: the Pallas GPU kernel stays opt-in (impl="pallas") until it
+             has been measured on a GPU (docs/kernels.md)
+  pallas     kernels/gmm/kernel.py: Pallas gmm / tgmm kernels (Triton lowering) over a tile schedule computed
+             on device, own VJP; off a GPU it runs in interpret mode (slow: tests only)
   megablox   jax.experimental.pallas.ops.tpu.megablox.gmm, with its own VJP (gmm + tgmm); on CPU only in
              interpret mode (tests)
   xla        a loop over row tiles of `tile` rows, each inside one group: only the scheduled tiles run
@@ -29,15 +31,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from effax.kernels.gmm import reference
+from effax.kernels.gmm import kernel, reference
 
-IMPLS = ("auto", "xla", "megablox", "reference")
+IMPLS = ("auto", "xla", "pallas", "megablox", "reference")
 MAX_TILE = 256
 
 
 def gmm(lhs_MD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: jax.Array, *, impl: str = "auto",
         interpret: bool = False) -> jax.Array:
-    """[M, D] x [E, D, F] -> [M, F] in lhs's dtype (fp32 accumulation); see the module docstring."""
+    """[M, D] x [E, D, F] -> [M, F] in lhs's dtype (fp32 accumulation); see the module docstring. interpret:
+    run megablox in Pallas interpret mode (pallas runs in it whenever the default backend is not a GPU)."""
     if impl not in IMPLS:
         raise ValueError(f"gmm impl={impl!r} is not one of {IMPLS}")
     if impl == "auto":
@@ -50,6 +53,10 @@ def gmm(lhs_MD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: jax.Array, *, impl
         return reference.gmm(lhs_MD, rhs_EDF, group_sizes_E)
     if impl == "megablox":
         return _megablox(lhs_MD, rhs_EDF, group_sizes_E, interpret)
+    if impl == "pallas":
+        tm = max(16, min(128, tile_rows(max(lhs_MD.shape[0], 1), rhs_EDF.shape[0])))  # Triton: a power of two >= 16
+        out = kernel.gmm(lhs_MD, rhs_EDF, group_sizes_E, tm=tm, interpret=interpret or jax.default_backend() != "gpu")
+        return out.astype(lhs_MD.dtype)
     if lhs_MD.shape[0] == 0:
         return jnp.zeros((0, rhs_EDF.shape[2]), lhs_MD.dtype)
     return _gmm_xla(lhs_MD, rhs_EDF, group_sizes_E, tile_rows(lhs_MD.shape[0], rhs_EDF.shape[0]))

@@ -75,8 +75,8 @@ def test_auto_is_xla_on_cpu_and_unknown_impls_are_named():
     x, w, sizes, _ = _inputs(8, 4, 4, [8], jnp.float32)
     lowered = jax.jit(lambda x, w: ops.gmm(x, w, sizes)).lower(x, w).as_text()
     assert "while" in lowered and "ragged" not in lowered  # the tile loop, not ragged_dot
-    with pytest.raises(ValueError, match="gmm impl='pallas' is not one of"):
-        ops.gmm(x, w, sizes, impl="pallas")
+    with pytest.raises(ValueError, match="gmm impl='triton' is not one of"):
+        ops.gmm(x, w, sizes, impl="triton")
 
 
 @pytest.mark.parametrize("platform, impl", [("tpu", "megablox"), ("tpu", "xla"), ("cuda", "xla")])
