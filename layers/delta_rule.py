@@ -9,16 +9,10 @@ with q, k L2-normalised (q also scaled by 1/sqrt(N)), alpha_t = exp(g_t) in (0, 
 Written as S_t = alpha_t S_{t-1} + u_t k_t^T, the "pseudo-value" u_t = beta_t (v_t - alpha_t S_{t-1} k_t)
 is what the delta rule adds.
 
-Chunked form (Yang et al. 2024, "Parallelizing Linear Transformers with the Delta Rule"; the GDN paper's
-extension to a gate). Inside a chunk of Q tokens entered with state S_0, with gamma_t the decay from the
-chunk start to t (inclusive) and Gamma_ts = gamma_t / gamma_s:
-    (I + A) U = beta V - diag(beta gamma) K S_0^T,   A_ts = beta_t Gamma_ts (k_t . k_s) for s < t
-so U = U~ - W S_0^T with U~ = (I + A)^-1 beta V and W = (I + A)^-1 diag(beta gamma) K (the UT transform
-of the WY representation; one unit-lower-triangular solve per chunk, all chunks in parallel). Then
-    Y = diag(gamma) Q S_0^T + (Gamma o Q K^T) U,      S_Q = gamma_Q S_0 + sum_s Gamma_Qs u_s k_s^T
-and a scan over chunks carries S_0 (the only sequential part: U needs the entering state).
-Packed documents reset the state exactly as in layers/linear_attention.py (pairs within one document,
-the entering state only until the first document start, the final state from the last document only).
+The chunked WY/UT form (training, prefill), the recurrent step (decoding) and the quadratic reference
+(tests) live in kernels/delta_rule/reference.py, whose docstring gives the chunked equations and the
+packed-document rule; they are re-exported here. Training and prefill go through kernels/delta_rule/ops.py
+(impl: model.linear_attention_impl, shared with Mamba2 and Based).
 
 The layer (flash-linear-attention's `GatedDeltaNet`, which the paper's code uses):
     q, k, v = silu(conv(x W_q)), silu(conv(x W_k)), silu(conv(x W_v))      (short convs, no bias)
@@ -35,6 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effax.kernels.delta_rule import ops as dr_ops
+from effax.kernels.delta_rule.reference import (  # noqa: F401  (the core lives with its kernel)
+    _check, chunked, quadratic, recurrent, step)
 from effax.layers import linear_attention as la
 from effax.layers.conv import causal_conv, conv_weight, history_at, next_history, require_fields
 from effax.layers.mixer import Layer, LayerContext, register_mixer
@@ -49,114 +46,6 @@ A_INIT_RANGE = (0.0, 16.0)  # fla's GatedDeltaNet (Mamba2 uses (1, 16))
 def l2_normalize(x):
     x = x.astype(F32)
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + L2_EPS)
-
-
-def _check(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH):
-    B, T, H, _ = q_BTHN.shape
-    if k_BTHN.shape != q_BTHN.shape or v_BTHP.shape[:3] != (B, T, H) or beta_BTH.shape != (B, T, H) \
-            or log_decay_BTH.shape != (B, T, H):
-        raise ValueError(f"delta rule: q {q_BTHN.shape}, k {k_BTHN.shape} must be [B, T, H, N], v {v_BTHP.shape} "
-                         f"[B, T, H, P], beta {beta_BTH.shape} and log decay {log_decay_BTH.shape} [B, T, H]")
-
-
-def chunked(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH, *, chunk_size: int, segment_ids_BT=None, state_BHPN=None):
-    """The chunked WY/UT form (module docstring) -> (y [B, T, H, P] fp32, the final state [B, H, P, N])."""
-    _check(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH)
-    B, T, H, N = q_BTHN.shape
-    P = v_BTHP.shape[-1]
-    Q = min(chunk_size, T)
-    n_chunks = -(-T // Q)
-    pad = n_chunks * Q - T
-
-    def chunks(a, mode="constant"):  # [B, T, H, ...] -> [B, chunks, H, Q, ...]: heads before the chunk's tokens
-        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), mode=mode)
-        return jnp.moveaxis(a.reshape(B, n_chunks, Q, *a.shape[2:]), 2, 3) if a.ndim > 2 else a.reshape(B, n_chunks, Q)
-
-    q, k, v = (chunks(a.astype(F32)) for a in (q_BTHN, k_BTHN, v_BTHP))  # [B, c, H, Q, N or P]
-    beta = chunks(beta_BTH.astype(F32)[..., None])[..., 0]  # [B, c, H, Q]
-    cum = jnp.cumsum(chunks(log_decay_BTH.astype(F32)[..., None])[..., 0], axis=-1)  # log gamma_t
-
-    visible = jnp.tril(jnp.ones((Q, Q), bool))  # [t, s]: s <= t in one document
-    if segment_ids_BT is not None:
-        seg = chunks(segment_ids_BT, mode="edge")  # [B, c, Q]
-        visible = visible & (seg[:, :, :, None] == seg[:, :, None, :])
-        visible = visible[:, :, None]  # [B, c, 1, Q, Q]
-        entering = jnp.concatenate([seg[:, :1, 0], seg[:, :-1, -1]], axis=1)
-        carries = (seg == entering[:, :, None])[:, :, None]  # [B, c, 1, Q]: no document start so far
-        reaches_end = (seg == seg[:, :, -1:])[:, :, None]  # [B, c, 1, Q]: in the chunk's last document
-    Gamma = jnp.exp(jnp.where(visible, cum[..., :, None] - cum[..., None, :], -jnp.inf))  # [B, c, H, Q, Q]
-    gamma = jnp.exp(cum)  # [B, c, H, Q]
-    to_end = jnp.exp(cum[..., -1:] - cum)
-    chunk_decay = gamma[..., -1]  # [B, c, H]
-    if segment_ids_BT is not None:
-        gamma = jnp.where(carries, gamma, 0.0)
-        to_end = jnp.where(reaches_end, to_end, 0.0)
-        chunk_decay = jnp.where(carries[..., -1], chunk_decay, 0.0)
-
-    # The UT transform: one unit-lower-triangular solve for both right-hand sides.
-    strictly_lower = jnp.tril(jnp.ones((Q, Q), bool), -1)
-    A = jnp.where(strictly_lower, beta[..., :, None] * Gamma * jnp.einsum("bchtn,bchsn->bchts", k, k), 0.0)
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * gamma)[..., None] * k], axis=-1)  # [B, c, H, Q, P + N]
-    solved = jax.scipy.linalg.solve_triangular(A + jnp.eye(Q, dtype=F32), rhs, lower=True, unit_diagonal=True)
-    U_tilde, W = solved[..., :P], solved[..., P:]
-
-    def pass_state(S_BHPN, inputs):
-        U_tilde_c, W_c, k_c, to_end_c, decay_c = inputs
-        U_c = U_tilde_c - jnp.einsum("bhqn,bhpn->bhqp", W_c, S_BHPN)
-        S_next = decay_c[..., None, None] * S_BHPN + jnp.einsum("bhqp,bhq,bhqn->bhpn", U_c, to_end_c, k_c)
-        return S_next, (S_BHPN, U_c)
-
-    S0 = jnp.zeros((B, H, P, N), F32) if state_BHPN is None else state_BHPN.astype(F32)
-    time_major = [jnp.moveaxis(a, 1, 0) for a in (U_tilde, W, k, to_end, chunk_decay)]
-    final, (entering_S, U) = jax.lax.scan(pass_state, S0, time_major)  # [c, B, H, ...]
-    y = gamma[..., None] * jnp.einsum("bchtn,cbhpn->bchtp", q, entering_S)
-    y = y + jnp.einsum("bchts,cbhsp->bchtp", Gamma * jnp.einsum("bchtn,bchsn->bchts", q, k), U)
-    return jnp.moveaxis(y, 2, 3).reshape(B, n_chunks * Q, H, P)[:, :T], final
-
-
-def step(state_BHPN, q_BHN, k_BHN, v_BHP, beta_BH, log_decay_BH):
-    """One token -> (y [B, H, P], state): decay, then write the error of the decayed state's prediction."""
-    S = jnp.exp(log_decay_BH.astype(F32))[..., None, None] * state_BHPN
-    k, q = k_BHN.astype(F32), q_BHN.astype(F32)
-    u = beta_BH.astype(F32)[..., None] * (v_BHP.astype(F32) - jnp.einsum("bhpn,bhn->bhp", S, k))
-    S = S + u[..., None] * k[:, :, None]
-    return jnp.einsum("bhpn,bhn->bhp", S, q), S
-
-
-def recurrent(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH, *, segment_ids_BT=None, valid_BT=None, state_BHPN=None):
-    """Token by token (decoding, and the tests' oracle); resets and invalid tokens as la.recurrent."""
-    _check(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH)
-    B, T, H, N = q_BTHN.shape
-    S0 = jnp.zeros((B, H, v_BTHP.shape[-1], N), F32) if state_BHPN is None else state_BHPN.astype(F32)
-    new_doc = jnp.zeros((B, T), bool) if segment_ids_BT is None else la._new_document_BT(segment_ids_BT)
-    valid = jnp.ones((B, T), bool) if valid_BT is None else valid_BT
-
-    def body(S, inputs):
-        *token, new_doc_B, valid_B = inputs
-        y, S_next = step(jnp.where(new_doc_B[:, None, None, None], 0.0, S), *token)
-        return jnp.where(valid_B[:, None, None, None], S_next, S), y
-
-    time_major = [jnp.moveaxis(a, 1, 0) for a in (q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH, new_doc, valid)]
-    final, y_TBHP = jax.lax.scan(body, S0, time_major)
-    return jnp.moveaxis(y_TBHP, 0, 1), final
-
-
-def quadratic(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH, *, segment_ids_BT=None):
-    """The test oracle: the UT form over the whole sequence as one T x T system (zero initial state),
-    solved with a general LU solve: Y = (Gamma o Q K^T) (I + A)^-1 beta V."""
-    _check(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH)
-    T = q_BTHN.shape[1]
-    q, k, v = (jnp.moveaxis(a.astype(F32), 2, 1) for a in (q_BTHN, k_BTHN, v_BTHP))  # [B, H, T, .]
-    beta = jnp.moveaxis(beta_BTH.astype(F32), 2, 1)
-    visible = jnp.tril(jnp.ones((T, T), bool))[None, None]
-    if segment_ids_BT is not None:
-        visible = visible & (segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :])
-    Gamma = jnp.exp(jnp.where(visible, la.segment_sums(jnp.moveaxis(log_decay_BTH.astype(F32), 2, 1)), -jnp.inf))
-    strictly = visible & ~jnp.eye(T, dtype=bool)
-    A = jnp.where(strictly, beta[..., :, None] * Gamma * jnp.einsum("bhtn,bhsn->bhts", k, k), 0.0)
-    U = jnp.linalg.solve(jnp.eye(T, dtype=F32) + A, beta[..., None] * v)
-    y = jnp.einsum("bhts,bhsp->bhtp", Gamma * jnp.einsum("bhtn,bhsn->bhts", q, k), U)
-    return jnp.moveaxis(y, 1, 2)
 
 
 def chunked_flops(chunk: int, seq_len: int, *, H: int, N: int, P: int) -> float:
@@ -180,6 +69,7 @@ class GatedDeltaNet(Layer):
         D, W = cfg.d_model, cfg.conv_kernel
         param_dtype = jnp.dtype(cfg.param_dtype)
         self.sizes, self.dtype, self.chunk_size, self.eps = (H, N, P), jnp.dtype(cfg.dtype), cfg.chunk_size, cfg.norm_eps
+        self.la_impl = cfg.linear_attention_impl  # kernels/delta_rule/ops.py
 
         def param(init, shape, axes, **meta):
             return nnx.Param(logical_init(init, axes)(rngs.params(), shape, param_dtype), **meta)
@@ -244,7 +134,8 @@ class GatedDeltaNet(Layer):
     def __call__(self, x_BTD, ctx: LayerContext):
         qkv, a, b, gate = self._project(x_BTD)
         qkv = self._convolve(qkv, segment_ids_BT=ctx.segment_ids_BT)
-        y, _ = chunked(*self.rule_inputs(qkv, a, b), chunk_size=self.chunk_size, segment_ids_BT=ctx.segment_ids_BT)
+        y, _ = dr_ops.delta_rule(*self.rule_inputs(qkv, a, b), chunk_size=self.chunk_size, impl=self.la_impl,
+                                 segment_ids_BT=ctx.segment_ids_BT)
         return self._out(y, gate)
 
     @classmethod
@@ -258,7 +149,8 @@ class GatedDeltaNet(Layer):
         pre_conv, a, b, gate = self._project(x_BTD)
         q, k, v, beta, g = self.rule_inputs(self._convolve(pre_conv), a, b)
         valid = ctx.valid_BT[..., None]
-        y, delta = chunked(q, k, v, jnp.where(valid, beta, 0.0), jnp.where(valid, g, 0.0), chunk_size=self.chunk_size)
+        y, delta = dr_ops.delta_rule(q, k, v, jnp.where(valid, beta, 0.0), jnp.where(valid, g, 0.0),
+                                     chunk_size=self.chunk_size, impl=self.la_impl)
         history = history_at(pre_conv, ctx.lengths_B, self.conv_q.shape[0])
         return self._out(y, gate), la.write_state(state, i, {"delta": delta, "conv": history})
 

@@ -84,10 +84,10 @@ class HybridConfig(DecoderConfig):
     expand:       inner width / d_model of Mamba2 and of Based's gated convolution (2)
     conv_kernel:  width of the short causal convolutions (Mamba2, GDN: 4; Based: 3)
     chunk_size:   chunk length of the chunked algorithms: speed and memory only, the result is the same (64)
-    linear_attention_impl: the chunked core of Mamba2 and Based (kernels/linear_attention/ops.py): xla (the
-                  plain-JAX chunked form, default), pallas (the Pallas kernel; interpret mode off a GPU: tests
-                  only), auto (pallas on a GPU). The default stays xla until the kernel is measured on a GPU
-                  (docs/kernels.md). GDN's delta rule has no kernel yet.
+    linear_attention_impl: the chunked core of Mamba2 and Based (kernels/linear_attention/ops.py) and of GDN
+                  (kernels/delta_rule/ops.py): xla (the plain-JAX chunked form, default), pallas (the Pallas
+                  kernels; interpret mode off a GPU: tests only), auto (pallas on a GPU for Mamba2/Based, xla
+                  for GDN). The default stays xla until the kernels are measured on a GPU (docs/kernels.md).
     value_expand: gated DeltaNet's value head dim / key head dim (2); GDN uses n_heads heads of key dim
                   dim_per_head (set model.head_dim to 0.75 d_model / n_heads for the paper's 6 d_model^2 layer)
     feature_dim:  Based's projected q/k dim per head before the Taylor map (16); Based uses n_heads heads
