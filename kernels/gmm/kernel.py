@@ -130,6 +130,20 @@ def _tgmm_kernel(start_ref, end_ref, x_ref, d_ref, o_ref, *, tm, bd, bn, m, prec
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def _out_shape(shape, dtype, like):
+    """A pallas_call output varying over the same shard_map axes as `like` (inside shard_map, which checks
+    them, an output must say so; outside, none). The aval's field is `manual_axis_type` in jax 0.10 and
+    `vma` in earlier releases: both public ShapeDtypeStruct arguments, tried in turn."""
+    aval = jax.typeof(like)
+    for field in ("manual_axis_type", "vma"):
+        if getattr(aval, field, None) is not None:
+            try:
+                return jax.ShapeDtypeStruct(shape, dtype, **{field: getattr(aval, field)})
+            except TypeError:
+                pass
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def _pad_to(x, axis: int, multiple: int):
     extra = -x.shape[axis] % multiple
     if not extra:
@@ -148,7 +162,7 @@ def _gmm_call(lhs_MK, rhs, sched, tm: int, transpose: bool, interpret: bool):
     kernel = functools.partial(_gmm_kernel, tm=tm, bk=bk, bn=bn, m=m, k=k, E=E, transpose=transpose,
                                precision=_precision(lhs_MK.dtype))
     return pl.pallas_call(
-        kernel, grid=(g_i.shape[0], n // bn), out_shape=jax.ShapeDtypeStruct((m, n), lhs_MK.dtype),
+        kernel, grid=(g_i.shape[0], n // bn), out_shape=_out_shape((m, n), lhs_MK.dtype, lhs_MK),
         interpret=interpret, compiler_params=_compiler_params(interpret), name="gmm_t" if transpose else "gmm",
     )(g_i, row_i, end_i, lhs_MK, rhs)
 
@@ -161,7 +175,7 @@ def _tgmm_call(lhs_MD, dout_MF, sched, tm: int, dtype, interpret: bool):
     bd, bn = _block(d, 64), _block(f, 128)
     kernel = functools.partial(_tgmm_kernel, tm=tm, bd=bd, bn=bn, m=m, precision=_precision(lhs_MD.dtype))
     return pl.pallas_call(
-        kernel, grid=(E, d // bd, f // bn), out_shape=jax.ShapeDtypeStruct((E, d, f), dtype),
+        kernel, grid=(E, d // bd, f // bn), out_shape=_out_shape((E, d, f), dtype, lhs_MD),
         out_specs=pl.BlockSpec((None, bd, bn), lambda e, a, b: (e, a, b)),
         interpret=interpret, compiler_params=_compiler_params(interpret), name="tgmm",
     )(starts, ends, lhs_MD, dout_MF)

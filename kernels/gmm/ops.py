@@ -54,9 +54,12 @@ def gmm(lhs_MD: jax.Array, rhs_EDF: jax.Array, group_sizes_E: jax.Array, *, impl
     if impl == "megablox":
         return _megablox(lhs_MD, rhs_EDF, group_sizes_E, interpret)
     if impl == "pallas":
+        interpret = interpret or jax.default_backend() != "gpu"
+        if interpret and _varying_axes(lhs_MD):
+            raise ValueError("gmm impl='pallas' off a GPU runs in Pallas interpret mode, which JAX cannot run inside "
+                             "shard_map (the MoE dispatch's): use impl='xla' there, or a GPU")
         tm = max(16, min(128, tile_rows(max(lhs_MD.shape[0], 1), rhs_EDF.shape[0])))  # Triton: a power of two >= 16
-        out = kernel.gmm(lhs_MD, rhs_EDF, group_sizes_E, tm=tm, interpret=interpret or jax.default_backend() != "gpu")
-        return out.astype(lhs_MD.dtype)
+        return kernel.gmm(lhs_MD, rhs_EDF, group_sizes_E, tm=tm, interpret=interpret).astype(lhs_MD.dtype)
     if lhs_MD.shape[0] == 0:
         return jnp.zeros((0, rhs_EDF.shape[2]), lhs_MD.dtype)
     return _gmm_xla(lhs_MD, rhs_EDF, group_sizes_E, tile_rows(lhs_MD.shape[0], rhs_EDF.shape[0]))
@@ -150,6 +153,14 @@ def _same_axes(*arrays):
     """The arrays, each varying over the union of their shard_map axes (a no-op outside shard_map)."""
     zero = sum(jnp.zeros_like(a, jnp.int32, shape=()) for a in arrays)
     return tuple(a + zero.astype(a.dtype) for a in arrays)
+
+
+def _varying_axes(x) -> frozenset:
+    """The shard_map axes x varies over (empty outside shard_map); the aval's field is `manual_axis_type`
+    in jax 0.10, `vma` before."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
 
 
 def _zeros(shape, dtype, *inputs):

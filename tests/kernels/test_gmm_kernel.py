@@ -129,3 +129,30 @@ def test_property_any_group_sizes(sizes, past):
         fitted.append(min(v, M - sum(fitted)))
     sizes = fitted + [max(0, M - sum(fitted) - past)]
     _check(*_inputs(M, D, F, sizes, seed=sum(sizes)), 1e-5)
+
+
+def test_inside_shard_map():
+    """The MoE dispatch calls gmm inside shard_map: the kernel's outputs declare the mesh axes they vary
+    over, so forward and backward lower for CUDA there; off a GPU (interpret mode, which JAX cannot run in
+    shard_map) ops refuses by name instead of failing inside JAX's interpreter."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((2,), ("expert",))
+    spec = PartitionSpec("expert")
+
+    def sharded(gmm):
+        def f(x, w, s):
+            return jax.shard_map(lambda x, w, s: gmm(*ops._same_axes(x, w, s)), mesh=mesh, in_specs=(spec,) * 3,
+                                 out_specs=spec)(x, w, s).astype(jnp.float32).sum()
+
+        return f
+
+    shapes = [((256, 128), jnp.bfloat16), ((4, 128, 128), jnp.bfloat16), ((4,), jnp.int32)]
+    args = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, spec)) for s, d in shapes]
+    safety = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with jax.set_mesh(mesh):
+        both = jax.jit(jax.value_and_grad(sharded(lambda x, w, s: kernel.gmm(x, w, s)), (0, 1)))
+        module = jax.export.export(both, platforms=["cuda"], disabled_checks=safety)(*args).mlir_module()
+        assert all(f'name = "{n}"' in module for n in ("gmm", "gmm_t", "tgmm"))
+        with pytest.raises(ValueError, match="inside shard_map"):
+            jax.eval_shape(sharded(lambda x, w, s: ops.gmm(x, w, s, impl="pallas")), *args)
