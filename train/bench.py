@@ -3,7 +3,8 @@
     effax bench model experiments/quickstart.py --vary model.attention_impl=xla,cudnn --set model.dtype=bfloat16
 
 `effax bench attention` (train/bench_attention.py) times the attention impls and masks themselves;
-`effax bench peer` (train/bench_peer.py) trains the same shape with PyTorch's Llama, alternating.
+`effax bench peer` (train/bench_peer.py) trains the same shape with PyTorch's Llama, alternating;
+`effax bench kernels` (train/bench_kernels.py) times each Pallas kernel against its XLA reference.
 
 Every variant runs the loop's own jitted train step (`loop.build_trainer`) on real batches from the
 config's data, in this one process, so the ratios between rows are measured under the same conditions.
@@ -26,9 +27,10 @@ of --repeats timed blocks of --steps steps.
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effax bench", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "attention", "peer"],
+    p.add_argument("what", choices=["model", "attention", "peer", "kernels"],
                    help="model: the training step of an experiment config; attention: `effax bench attention --help`; "
-                        "peer: against PyTorch's Llama, `effax bench peer --help`")
+                        "peer: against PyTorch's Llama, `effax bench peer --help`; kernels: the Pallas kernels "
+                        "against their XLA references, `effax bench kernels --help`")
     p.add_argument("config", metavar="CONFIG[:VARIANT]")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[])
     p.add_argument("--vary", metavar="KEY=V1,V2,...", action="append", default=[],
@@ -89,6 +91,10 @@ def main(argv: list[str]) -> int:
         from effax.train import bench_peer
 
         return bench_peer.main(argv[1:])
+    if argv[:1] == ["kernels"]:
+        from effax.train import bench_kernels
+
+        return bench_kernels.main(argv[1:])
     args = build_parser().parse_args(argv)
     from effax.train import config as config_lib
 
