@@ -192,6 +192,7 @@ def main(argv: list[str]) -> int:
     if not on_gpu:
         print(CPU_NOTE)
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    num = lambda x: f"{x:.1f}" if x >= 10 else f"{x:.3g}"  # noqa: E731  (GPU: hundreds; CPU: fractions)
     print(f"{'kernel':<17} {'size':<30} {'pass':<17} {'variant':<14} {'ms':>10} {'TFLOP/s':>9} {'GB/s':>8} "
           f"{'%peak FLOP':>10} {'%peak BW':>9} {'vs xla':>7}")
     rows = []
@@ -199,7 +200,7 @@ def main(argv: list[str]) -> int:
         for r in kernel_rows(known[name], size, args.repeats, on_gpu, peaks):
             rows.append(r)
             print(f"{r['kernel']:<17} {r['size']:<30} {r['pass']:<17} {r['variant']:<14} {r['ms']:>10.3f} "
-                  f"{r['tflops']:>9.4g} {r['gbs']:>8.4g} {pct(r['peak_flops_frac']):>10} {pct(r['peak_bw_frac']):>9} "
+                  f"{num(r['tflops']):>9} {num(r['gbs']):>8} {pct(r['peak_flops_frac']):>10} {pct(r['peak_bw_frac']):>9} "
                   f"{r['vs_xla']:>6.2f}x", flush=True)
     if args.out:
         with open(args.out, "w") as f:
