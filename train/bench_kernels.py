@@ -6,8 +6,10 @@ Per kernel and size, forward and forward+backward rows, one per variant: the ker
 reference (`xla`) and any further baselines of the entry. Columns: median ms of --repeats calls after one
 untimed call (compilation), achieved TFLOP/s and GB/s (the entry's FLOPs and bytes formulas over the time),
 the fraction of the device's peak FLOP/s and bandwidth (PEAKS, by device kind; "n/a" elsewhere), and
-`vs xla` = xla's time / the row's time (> 1: faster than the XLA reference). Variants are interleaved so
-that load on a shared machine spreads over all of them.
+`vs xla` = xla's time / the row's time (> 1: faster than the XLA reference), and `err vs xla`, the
+largest deviation of the row's outputs (forward) or gradients (forward+backward) from xla's, relative to
+their largest value (a fast wrong kernel shows). Variants are interleaved so that load on a shared machine
+spreads over all of them.
 
 On a CPU only the XLA paths are timed: Pallas kernels run there only in interpret mode, which is not a
 speed. `--size auto` is `gpu` on a GPU and `small` elsewhere; `tiny` is the test's.
@@ -163,14 +165,30 @@ def kernel_rows(kernel: Kernel, size: str, repeats: int, on_gpu: bool, peaks) ->
         fns = {name: jax.jit(fn) if i == 0 else _forward_backward(fn, built.args, built.diff)
                for name, fn in variants.items()}
         times = _timed(fns, built.args, repeats)
+        errors = _errors({name: fn(*built.args) for name, fn in fns.items()})
         for name, seconds in times.items():
             tflops, gbs = built.flops[i] / seconds / 1e12, built.bytes[i] / seconds / 1e9
             rows.append({"kernel": kernel.name, "size": built.label, "pass": phase, "variant": name,
                          "ms": 1e3 * seconds, "tflops": tflops, "gbs": gbs,
                          "peak_flops_frac": tflops * 1e12 / peaks[0] if peaks else None,
                          "peak_bw_frac": gbs * 1e9 / peaks[1] if peaks else None,
-                         "vs_xla": times["xla"] / seconds})
+                         "vs_xla": times["xla"] / seconds, "err_vs_xla": errors[name]})
     return rows
+
+
+def _errors(outputs: dict) -> dict:
+    """Each variant's largest deviation from xla's outputs (or gradients), relative to their largest value:
+    a timing of a wrong result shows as such (bf16: ~1e-2 is rounding)."""
+    import jax
+    import numpy as np
+
+    want = [np.asarray(x, np.float32) for x in jax.tree.leaves(outputs["xla"])]
+    errors = {}
+    for name, out in outputs.items():
+        got = [np.asarray(x, np.float32) for x in jax.tree.leaves(out)]
+        errors[name] = max(float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+                           for a, b in zip(got, want))
+    return errors
 
 
 def main(argv: list[str]) -> int:
@@ -194,14 +212,14 @@ def main(argv: list[str]) -> int:
     pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     num = lambda x: f"{x:.1f}" if x >= 10 else f"{x:.3g}"  # noqa: E731  (GPU: hundreds; CPU: fractions)
     print(f"{'kernel':<17} {'size':<30} {'pass':<17} {'variant':<14} {'ms':>10} {'TFLOP/s':>9} {'GB/s':>8} "
-          f"{'%peak FLOP':>10} {'%peak BW':>9} {'vs xla':>7}")
+          f"{'%peak FLOP':>10} {'%peak BW':>9} {'vs xla':>7} {'err vs xla':>10}")
     rows = []
     for name in wanted:
         for r in kernel_rows(known[name], size, args.repeats, on_gpu, peaks):
             rows.append(r)
             print(f"{r['kernel']:<17} {r['size']:<30} {r['pass']:<17} {r['variant']:<14} {r['ms']:>10.3f} "
                   f"{num(r['tflops']):>9} {num(r['gbs']):>8} {pct(r['peak_flops_frac']):>10} {pct(r['peak_bw_frac']):>9} "
-                  f"{r['vs_xla']:>6.2f}x", flush=True)
+                  f"{r['vs_xla']:>6.2f}x {r['err_vs_xla']:>10.1e}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device, "size": size, "xla_paths_only": not on_gpu, "rows": rows}, f, indent=2)
