@@ -10,7 +10,9 @@ class named in DESIGN.md).
 
 impl: "xla" (masked einsum over all T x T pairs, any backend), "blockwise" (flash attention's algorithm
 in plain JAX over the mask's kept blocks only: layers/blockwise.py), "cudnn" (GPU flash attention;
-causal, window and segment ids only), "auto" (`choose_impl`).
+causal, window and segment ids only), "pallas" (the block-sparse flash attention kernel,
+kernels/flash_attention: the same schedule and rule, Triton on GPU, interpret mode on CPU; no MoA spans;
+opt-in: `auto` never picks it until it is measured on a GPU), "auto" (`choose_impl`).
 
 Mixers registered here: "attn" (causal, full KV cache) and "swa" (sliding window of
 `model.sliding_window` keys, ring-buffer cache of that many slots); the sparse masks' mixers are in
@@ -20,15 +22,17 @@ layers/sparse_attention.py, Native Sparse Attention in layers/nsa.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effax.layers.blockwise import blockwise_attention, default_blocks
+from effax.kernels.flash_attention import ops as flash_ops
+from effax.layers.blockwise import blockwise_attention, default_blocks, schedule
 from effax.layers.kv_cache import KVState
-from effax.layers.masks import BlockSparse, Mask, Spans, keys_seen, visible
+from effax.layers.masks import BlockSparse, Mask, Spans, document_offsets_BT, keys_seen, visible
 from effax.layers.mixer import Layer, LayerContext, register_mixer
 from effax.layers.rope import apply_rope
 from effax.layers.sharding import constrain, logical_init
@@ -36,7 +40,7 @@ from effax.layers.sharding import constrain, logical_init
 __all__ = ["IMPLS", "Mask", "BlockSparse", "Spans", "attention", "choose_impl", "reference_attention", "cache_attention",
            "Attention", "SlidingWindowAttention"]
 
-IMPLS = ("auto", "xla", "blockwise", "cudnn")
+IMPLS = ("auto", "xla", "blockwise", "cudnn", "pallas")
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: masked logits stay out of NaN territory
 _CUDNN_REFUSES = ("chunk", "sinks", "block_sparse", "spans")  # Mask fields cuDNN's public API cannot express
 
@@ -164,6 +168,32 @@ def _cudnn_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float) -> jax.Ar
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _visibility(static: tuple):
+    """The mask's element rule on document offsets (`masks.visible`), one callable per static mask, for
+    the kernel (which knows no Mask)."""
+    return functools.partial(visible, Mask(*static))
+
+
+def _pallas_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float) -> jax.Array:
+    """The flash attention kernel (kernels/flash_attention) driven by this mask: the blocks it visits are
+    the blockwise schedule's table (`schedule(...).has_KQK`, exact for one document per row, a superset for
+    packed ones), the rule inside them is `masks.visible` on document offsets, and with packed documents
+    each query block also visits its document's anchor tokens (sinks, global blocks)."""
+    if mask.spans is not None:
+        raise NotImplementedError("attention impl='pallas' cannot honour Mask.spans (MoA per-head spans); "
+                                  "use impl='blockwise' or 'xla'")
+    T, K = q_BTHP.shape[1], k_BTKP.shape[2]
+    bs = mask.block_sparse.block_size if mask.block_sparse else 0
+    block = bs if bs in (16, 32, 64, 128) else min(64, flash_ops.kernel.pow2(T))  # Triton: a power of two >= 16
+    packed = mask.segment_ids_BT is not None
+    table = schedule(mask.static, T, block, block, K, packed).has_KQK[0]  # without spans every kv head agrees
+    return flash_ops.flash_attention(
+        q_BTHP, k_BTKP, v_BTKP, blocks_QK=table, visible=_visibility(mask.static), segment_ids_BT=mask.segment_ids_BT,
+        offsets_BT=document_offsets_BT(mask.segment_ids_BT) if packed else None, anchor=mask.anchor if packed else 0,
+        scale=scale, block_q=block, block_k=block, impl="pallas")
+
+
 def _cudnn_ok(q_BTHP, mask: Mask) -> bool:
     """What impl='auto' sends to cuDNN: a GPU, half-precision inputs, a mask it honours, and shapes
     its forward and backward both take (head dim a multiple of 8 up to 128, even T)."""
@@ -203,6 +233,8 @@ def attention(q_BTHP, k_BTKP, v_BTKP, *, mask: Mask, impl: str = "auto", scale: 
         return blockwise_attention(q_BTHP, k_BTKP, v_BTKP, mask=mask, scale=scale)
     if impl == "cudnn":
         return _cudnn_attention(q_BTHP, k_BTKP, v_BTKP, mask, scale)
+    if impl == "pallas":
+        return _pallas_attention(q_BTHP, k_BTKP, v_BTKP, mask, scale)
     raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
 
 
@@ -264,7 +296,7 @@ class Attention(Layer):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         if cfg.attention_impl not in IMPLS:
-            raise ValueError(f"attention impl={cfg.attention_impl!r} is not one of {IMPLS}")
+            raise ValueError(f"model.attention_impl={cfg.attention_impl!r} is not one of {IMPLS}")
         D, H, K, P = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         if H % K:
             raise ValueError(f"n_heads={H} is not a multiple of n_kv_heads={K}")

@@ -84,7 +84,7 @@ class ModelConfig:
     dtype: DTypeName = "float32"  # compute dtype; bfloat16 gives bf16 compute with fp32 master weights
     param_dtype: DTypeName = "float32"
     remat: Literal["none", "full", "dots"] = "none"  # rematerialisation policy per layer
-    attention_impl: Literal["auto", "xla", "blockwise", "cudnn"] = "auto"
+    attention_impl: Literal["auto", "xla", "blockwise", "cudnn", "pallas"] = "auto"  # pallas: opt-in (docs/attention.md)
 
     # Derived sizes (a zero field means "default"; these give the value actually used).
     @property

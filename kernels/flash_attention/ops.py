@@ -1,0 +1,147 @@
+"""Block-sparse flash attention: the op layers (and benchmarks) call.
+
+    out_BTHP = flash_attention(q_BTHP, k_BTKP, v_BTKP, blocks_QK=None, visible=None, segment_ids_BT=None,
+                               offsets_BT=None, anchor=0, scale=None, block_q=64, block_k=64, impl="auto")
+
+softmax(q k^T * scale) v per query head h, with kv head h // (H / K) (GQA); output in q's dtype,
+differentiable in q, k, v. This op knows no mask type (kernels import nothing from layers/); the caller
+hands it primitives:
+
+  visible      a jnp callable (q_off, k_off) -> bool on broadcast int32 offsets: which key a query sees
+               (None: every key). It is evaluated inside the kernel on every visited block.
+  offsets_BT   each token's position within its document (given with segment ids; else token indices)
+  segment_ids_BT  packed documents: a query sees only keys with its id
+  blocks_QK    numpy bool [ceil(T / block_q), ceil(T / block_k)], static: the key blocks each query block
+               visits; it must contain every visible pair (the kernel never looks outside it). None: from
+               `visible` on token indices in numpy (rows of one document), or every block (packed).
+  anchor       packed documents only: each query block also visits the key blocks holding the first
+               `anchor` tokens of the document its first query is in (sinks, global blocks: where they lie
+               is known only at run time, so these blocks join the list then)
+
+impl (dispatch):
+  auto     pallas on GPU, xla elsewhere
+  pallas   kernel.py: Pallas forward, dq and dk/dv kernels (Triton lowering), custom_vjp; on CPU it runs in
+           interpret mode (slow: tests only). On TPU it raises: JAX's splash attention is not wired in yet.
+  xla      reference.attention: every pair, masked, fp32 (autodiff)
+
+Benchmarks, e.g. causal and a 512-token window:
+    flash_attention(q, k, v, visible=lambda i, j: j <= i, impl="pallas")
+    flash_attention(q, k, v, visible=lambda i, j: (j <= i) & (i - j < 512), impl="pallas")
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effax.kernels.flash_attention import kernel, reference
+
+IMPLS = ("auto", "pallas", "xla")
+
+
+def flash_attention(q_BTHP, k_BTKP, v_BTKP, *, blocks_QK=None, visible=None, segment_ids_BT=None, offsets_BT=None,
+                    anchor: int = 0, scale: float | None = None, block_q: int = 64, block_k: int = 64,
+                    impl: str = "auto", interpret: bool | None = None):
+    """See the module docstring. interpret: run the Pallas kernels in interpret mode (default: on CPU)."""
+    if impl not in IMPLS:
+        raise ValueError(f"flash_attention impl={impl!r} is not one of {IMPLS}")
+    B, T, H, P = q_BTHP.shape
+    if k_BTKP.shape != v_BTKP.shape or k_BTKP.shape[:2] != (B, T) or k_BTKP.shape[3] != P or H % k_BTKP.shape[2]:
+        raise ValueError(f"flash_attention: q {q_BTHP.shape} [B, T, H, P], k {k_BTKP.shape} and v {v_BTKP.shape} "
+                         "[B, T, K, P] with K dividing H")
+    packed = segment_ids_BT is not None
+    if packed and offsets_BT is None:
+        raise ValueError("flash_attention: segment_ids_BT needs offsets_BT (each token's position in its document)")
+    scale = 1 / math.sqrt(P) if scale is None else float(scale)
+    backend = jax.default_backend()
+    if impl == "auto":
+        impl = "pallas" if backend == "gpu" else "xla"
+    if impl == "xla":
+        return reference.attention(q_BTHP, k_BTKP, v_BTKP, visible=visible, segment_ids_BT=segment_ids_BT,
+                                   offsets_BT=offsets_BT if packed else None, scale=scale)
+    interpret = backend == "cpu" if interpret is None else interpret
+    if backend == "tpu" and not interpret:
+        raise NotImplementedError("flash_attention impl='pallas' is a Triton (GPU) kernel; on TPU JAX's splash attention "
+                                  "is not wired in yet: use the attention layer's impl='blockwise' or 'xla'")
+    n_q, n_k = -(-T // block_q), -(-T // block_k)
+    if blocks_QK is None:
+        blocks_QK = _table_from_rule(visible, T, block_q, block_k) if not packed else np.ones((n_q, n_k), bool)
+    blocks_QK = np.asarray(blocks_QK, bool)
+    if blocks_QK.shape != (n_q, n_k):
+        raise ValueError(f"flash_attention: blocks_QK has shape {blocks_QK.shape}, expected {(n_q, n_k)} "
+                         f"(T={T}, block_q={block_q}, block_k={block_k})")
+    Tp = -(-T // max(block_q, block_k)) * max(block_q, block_k)  # the kernel's padded length
+    table = np.zeros((Tp // block_q, Tp // block_k), bool)
+    table[:n_q, :n_k] = blocks_QK
+    if packed and anchor:
+        lists = _dynamic_lists(table, _anchor_blocks(offsets_BT, T, block_q, block_k, table.shape, anchor),
+                               -(-anchor // block_k) + 1)
+    else:
+        lists = _static_lists(table)
+    return kernel.flash_attention(q_BTHP, k_BTKP, v_BTKP, lists=lists, scale=scale, block_q=block_q, block_k=block_k,
+                                  visible=visible, offsets_BT=offsets_BT, segment_ids_BT=segment_ids_BT,
+                                  interpret=interpret)
+
+
+def _table_from_rule(visible, T: int, block_q: int, block_k: int) -> np.ndarray:
+    """bool [n_q, n_k]: the blocks holding a visible pair, the rule evaluated on token indices in numpy
+    (exact for one document per row), a slab of query blocks at a time."""
+    n_q, n_k = -(-T // block_q), -(-T // block_k)
+    if visible is None:
+        return np.ones((n_q, n_k), bool)
+    out = np.zeros((n_q, n_k), bool)
+    j = np.arange(n_k * block_k)[None, :]
+    rows = max(1, (1 << 22) // (n_k * block_k * block_q))
+    for start in range(0, n_q, rows):
+        n = min(rows, n_q - start)
+        i = np.arange(start * block_q, (start + n) * block_q)[:, None]
+        seen = np.broadcast_to(np.asarray(visible(i, j)), (i.shape[0], j.shape[1])) & (i < T) & (j < T)
+        out[start : start + n] = seen.reshape(n, block_q, n_k, block_k).any(axis=(1, 3))
+    return out
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _static_lists(table_QK: np.ndarray):
+    """(kblocks [1, n_q, M], kcount [1, n_q, 1], qblocks [1, n_k, N], qcount [1, n_k, 1]), int32 numpy."""
+    def lists(table):
+        count = table.sum(1)
+        out = np.zeros((1, table.shape[0], _pow2(max(int(count.max(initial=0)), 1))), np.int32)
+        for r, row in enumerate(table):
+            idx = np.flatnonzero(row)
+            out[0, r, : len(idx)] = idx
+        return out, count.astype(np.int32).reshape(1, -1, 1)
+
+    return (*lists(table_QK), *lists(table_QK.T))
+
+
+def _anchor_blocks(offsets_BT, T, block_q, block_k, shape, anchor):
+    """bool [B, n_q, n_k]: the key blocks holding the first `anchor` tokens of the document each query
+    block's first query is in."""
+    n_q, n_k = shape
+    first_Q = jnp.minimum(jnp.arange(n_q) * block_q, T - 1)
+    start_BQ = (first_Q - offsets_BT[:, first_Q])[:, :, None]  # that document's first token
+    key_start = jnp.arange(n_k) * block_k
+    return (key_start < start_BQ + anchor) & (key_start + block_k > start_BQ) & (key_start < T)
+
+
+def _dynamic_lists(table_QK: np.ndarray, extra_BQK, extra_per_row: int):
+    """The lists of `table | extra` per batch row (jnp). A row's list is its blocks in increasing order:
+    argsort of (not visited) is stable, so the visited blocks come first. Sizes are static bounds: a query
+    block gains at most `extra_per_row` key blocks; a key block may gain every query block."""
+    table_BQK = jnp.asarray(table_QK)[None] | extra_BQK
+    n_q, n_k = table_QK.shape
+
+    def lists(t, width):
+        width = _pow2(max(min(width, t.shape[-1]), 1))
+        order = jnp.argsort(~t, axis=-1, stable=True).astype(jnp.int32)
+        order = jnp.pad(order, ((0, 0), (0, 0), (0, max(width - t.shape[-1], 0))))[..., :width]
+        return order, jnp.sum(t, axis=-1, dtype=jnp.int32)[..., None]
+
+    return (*lists(table_BQK, int(table_QK.sum(1).max(initial=0)) + extra_per_row),
+            *lists(jnp.swapaxes(table_BQK, 1, 2), n_q))
