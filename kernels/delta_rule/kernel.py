@@ -16,7 +16,7 @@ masks of packed documents exactly as the linear-attention kernel: D_ts = [s <= t
 exp(cum_t - cum_s), a_t = [no document start up to t] exp(cum_t), b_s = [s in the chunk's last document]
 exp(cum_Q - cum_s), d = [no document start in the chunk] exp(cum_Q)):
     A  = [s < t] beta_t (k k^T)_ts D_ts                          [Q, Q], strictly lower
-    T  = (I + A)^-1                                              forward substitution, one row per step
+    T  = (I + A)^-1                                              blocked inversion, log2(Q) levels of dots
     W  = T ((beta a) * k)       U~ = T (beta * v)      U = U~ - W S        (the pseudo-values u_t)
     y  = (a * q) S + ((q k^T) * D) U
     S' = d S + (b * k)^T U
@@ -42,11 +42,11 @@ With K = k k^T, C = (q k^T) * D, dy the output cotangent:
 The initial state's gradient is dS after the first chunk.
 
 Precision: tiles are loaded in their dtype and upcast to fp32 before every product (fp32 state, decays,
-inverse and accumulation); fp32 inputs use full-precision dots (no TF32). The inverse is computed by
-forward substitution, elementwise in fp32 (Q steps of O(Q^2)): stable where the truncated Neumann series
-by repeated squaring is not (near-equal keys make the powers of A binomially large and the sum cancels).
-A blocked inverse (16 x 16 diagonal blocks by substitution, merged by dots on the tensor cores) is the
-known lever for speed; nothing here has been measured on a GPU (docs/kernels.md).
+inverse and accumulation); fp32 inputs use full-precision dots (no TF32). The inverse doubles its block
+size from 1 to Q with two dots per level (_inverse), not the product (I - A)(I + A^2)(I + A^4)...: that
+series cancels catastrophically when keys are near-equal (the powers of A grow like binomial
+coefficients), while each level of the blocked inversion only multiplies inverses of diagonal blocks.
+Nothing here has been measured on a GPU (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -63,19 +63,22 @@ from effax.kernels.linear_attention.kernel import (  # the layout's helpers, sha
 F32 = jnp.float32
 
 
-def _inverse(A, Q: int):
-    """(I + A)^-1 of a strictly lower-triangular [Q, Q] tile by forward substitution: row i of the inverse is
-    e_i - sum_{s < i} A_is (row s), and rows below i still hold the identity's rows (A_is = 0 for s >= i)."""
+def _inverse(A, Q: int, precision):
+    """(I + A)^-1 of a strictly lower-triangular [Q, Q] tile by blocked inversion, doubling the block size:
+    with X the inverse of the diagonal blocks of size b, the blocks of size 2b are
+        [[L11, 0], [A21, L22]]^-1 = [[X11, 0], [-X22 A21 X11, X22]],   i.e.   X <- X - X A21' X
+    where A21' keeps A's lower off-diagonal b x b block of each 2b x 2b diagonal block. log2(Q) levels of
+    two dots on the whole tile (tensor-core work, no per-row loop); as stable as forward substitution (every
+    intermediate is the inverse of a diagonal block, never a power of A)."""
     t = jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 0)
     s = jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
-    eye = jnp.where(t == s, 1.0, 0.0).astype(F32)
-
-    def row(i, inv):
-        a_i = jnp.sum(jnp.where(t == i, A, 0.0), axis=0)  # [Q]: row i of A, indexed by s
-        new = jnp.sum(a_i[:, None] * inv, axis=0)  # sum_s A_is inv[s, :]
-        return jnp.where(t == i, eye - new[None, :], inv)
-
-    return jax.lax.fori_loop(1, Q, row, eye)
+    inv = jnp.where(t == s, 1.0, 0.0).astype(F32)
+    b = 1
+    while b < Q:  # static: log2(Q) levels
+        off = ((t ^ s) < 2 * b) & ((t & b) != 0) & ((s & b) == 0)  # row in the 2nd half, column in the 1st
+        inv = inv - _dot(_dot(inv, jnp.where(off, A, 0.0), 1, 0, precision), inv, 1, 0, precision)
+        b *= 2
+    return inv
 
 
 def _chunk(q_ref, k_ref, v_ref, beta_ref, g_ref, seg_ref, start, enter_seg, S, Q, segments, precision):
@@ -89,7 +92,7 @@ def _chunk(q_ref, k_ref, v_ref, beta_ref, g_ref, seg_ref, start, enter_seg, S, Q
     s = jax.lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
     KK = _dot(k, k, 1, 1, precision)
     A = jnp.where(s < t, beta[:, None] * KK * D, 0.0)
-    inv = _inverse(A, Q)
+    inv = _inverse(A, Q, precision)
     kba = k * (beta * a)[:, None]
     W = _dot(inv, kba, 1, 0, precision)
     vb = v * beta[:, None]
