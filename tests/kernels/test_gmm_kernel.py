@@ -157,3 +157,30 @@ def test_inside_shard_map():
         assert all(f'name = "{n}"' in module for n in ("gmm", "gmm_t", "tgmm"))
         with pytest.raises(ValueError, match="inside shard_map"):
             jax.eval_shape(sharded(lambda x, w, s: ops.gmm(x, w, s, impl="pallas")), *args)
+
+
+@pytest.mark.slow
+def test_dropless_dispatch_through_the_kernel():
+    """layers/moe_dispatch.dropless (outside a mesh, so outside shard_map) with impl='pallas' equals the xla
+    impl, forward and gradients w.r.t. the tokens, gates and the three expert weights; expert ids >= E (MoE++'s
+    zero-computation experts) sort past the groups."""
+    from effax.layers import moe_dispatch
+
+    rng = np.random.default_rng(0)
+    B, T, Z, Dm, Fm, Em = 2, 8, 2, 16, 32, 4
+    x = jnp.asarray(rng.standard_normal((B, T, Dm)), jnp.float32)
+    expert = jnp.asarray(rng.integers(0, Em + 1, (B, T, Z)), jnp.int32)  # Em: no expert
+    gate = jnp.asarray(rng.uniform(size=(B, T, Z)), jnp.float32)
+    w = moe_dispatch.ExpertWeights(*(jnp.asarray(rng.standard_normal(s) / 4, jnp.float32)
+                                     for s in [(Em, Dm, Fm), (Em, Dm, Fm), (Em, Fm, Dm)]))
+
+    def run(impl):
+        def loss(x, gate, w):
+            y = moe_dispatch.dropless(x, expert, gate, w, impl=impl)
+            return jnp.sum(y * jnp.cos(y)), y
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(x, gate, w)
+        return [np.asarray(a) for a in jax.tree.leaves((y, grads))]
+
+    for got, want in zip(run("pallas"), run("xla")):
+        assert np.isfinite(got).all() and np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
