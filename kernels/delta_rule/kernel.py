@@ -8,8 +8,12 @@ Layout (as kernels/linear_attention/kernel.py, whose helpers this file shares). 
 next to the features, head-major: q, k [B, H, T', N'], v [B, H, T', P'], beta, g [B, H, T'], where T' pads
 T to whole chunks (padded tokens: g = 0, beta = 0, k = v = 0, so they neither decay nor write the state) and
 N', P' pad the feature sizes to powers of two >= 16 with zeros. Inside the kernel the state is held
-transposed, S = (the reference's state)^T: [N', P'], fp32. Grid (B, H): one program per head runs a loop
-over the chunks and carries S in registers (never across grid steps: those run in parallel on a GPU).
+transposed, S = (the reference's state)^T: [N', P'], fp32. Grid (B, H, P' / BP): one program per head and
+block of BP value columns runs a loop over the chunks and carries its columns of S, [N', BP], in registers
+(never across grid steps: those run in parallel on a GPU). The value columns are independent in the
+forward (A, T, W depend on k, beta and g only; every program recomputes them); in the backward every
+gradient of q, k, beta and g is linear in the per-column terms, so each program writes its partial sum and
+the wrapper adds them.
 
 Forward, per chunk of Q tokens entered with S (cum: the chunk-local inclusive cumulative sum of g; the
 masks of packed documents exactly as the linear-attention kernel: D_ts = [s <= t, same document]
@@ -170,27 +174,29 @@ def _backward_kernel(q_ref, k_ref, v_ref, beta_ref, g_ref, seg_ref, states_ref, 
     ds0_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dfinal_ref[...].astype(F32))
 
 
-def _specs(Tp, Np, Pp, n_chunks):
-    head = lambda b, h: (b, h, 0, 0)  # noqa: E731
+def _specs(Tp, Np, BP, n_chunks):
+    """Grid (b, h, p): program p owns value columns [p BP, (p + 1) BP) of its head."""
     return dict(
-        qk=pl.BlockSpec((None, None, Tp, Np), head),
-        v=pl.BlockSpec((None, None, Tp, Pp), head),
-        vec=pl.BlockSpec((None, None, Tp), lambda b, h: (b, h, 0)),
-        seg=pl.BlockSpec((None, Tp), lambda b, h: (b, 0)),
-        state=pl.BlockSpec((None, None, Np, Pp), head),
-        states=pl.BlockSpec((None, None, n_chunks * Np, Pp), head),
+        qk=pl.BlockSpec((None, None, Tp, Np), lambda b, h, p: (b, h, 0, 0)),
+        v=pl.BlockSpec((None, None, Tp, BP), lambda b, h, p: (b, h, 0, p)),
+        vec=pl.BlockSpec((None, None, Tp), lambda b, h, p: (b, h, 0)),
+        seg=pl.BlockSpec((None, Tp), lambda b, h, p: (b, 0)),
+        state=pl.BlockSpec((None, None, Np, BP), lambda b, h, p: (b, h, 0, p)),
+        states=pl.BlockSpec((None, None, n_chunks * Np, BP), lambda b, h, p: (b, h, 0, p)),
+        qk_part=pl.BlockSpec((None, None, None, Tp, Np), lambda b, h, p: (b, h, p, 0, 0)),
+        vec_part=pl.BlockSpec((None, None, None, Tp), lambda b, h, p: (b, h, p, 0)),
     )
 
 
-def _forward(q, k, v, beta, g, seg, s0, Q, segments, interpret, save_states: bool):
+def _forward(q, k, v, beta, g, seg, s0, Q, BP, segments, interpret, save_states: bool):
     B, H, Tp, Np = q.shape
     Pp = v.shape[3]
     n_chunks = Tp // Q
-    sp = _specs(Tp, Np, Pp, n_chunks)
+    sp = _specs(Tp, Np, BP, n_chunks)
     kernel = functools.partial(_forward_kernel, Q=Q, n_chunks=n_chunks, N=Np, segments=segments,
                                precision=_precision(q.dtype))
     return pl.pallas_call(
-        kernel, grid=(B, H),
+        kernel, grid=(B, H, Pp // BP),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["vec"], sp["vec"], sp["seg"], sp["state"]],
         out_specs=[sp["v"], sp["state"]] + [sp["states"]] * save_states,
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, Pp), F32), jax.ShapeDtypeStruct((B, H, Np, Pp), F32)]
@@ -199,39 +205,41 @@ def _forward(q, k, v, beta, g, seg, s0, Q, segments, interpret, save_states: boo
     )(q, k, v, beta, g, seg, s0)
 
 
-def _backward(q, k, v, beta, g, seg, states, dy, dfinal, Q, segments, interpret):
+def _backward(q, k, v, beta, g, seg, states, dy, dfinal, Q, BP, segments, interpret):
+    """-> dq, dk [B, H, P'/BP, T', N'], dv, dbeta, dg [B, H, P'/BP, T'], ds0: the gradients of q, k, beta, g
+    as one partial sum per value block (summed by the caller)."""
     B, H, Tp, Np = q.shape
     Pp = v.shape[3]
-    n_chunks = Tp // Q
-    sp = _specs(Tp, Np, Pp, n_chunks)
+    n_chunks, n_blocks = Tp // Q, Pp // BP
+    sp = _specs(Tp, Np, BP, n_chunks)
     kernel = functools.partial(_backward_kernel, Q=Q, n_chunks=n_chunks, N=Np, segments=segments,
                                precision=_precision(q.dtype))
     return pl.pallas_call(
-        kernel, grid=(B, H),
+        kernel, grid=(B, H, n_blocks),
         in_specs=[sp["qk"], sp["qk"], sp["v"], sp["vec"], sp["vec"], sp["seg"], sp["states"], sp["v"], sp["state"]],
-        out_specs=[sp["qk"], sp["qk"], sp["v"], sp["vec"], sp["vec"], sp["state"]],
-        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, Np), F32), jax.ShapeDtypeStruct((B, H, Tp, Np), F32),
-                   jax.ShapeDtypeStruct((B, H, Tp, Pp), F32), jax.ShapeDtypeStruct((B, H, Tp), F32),
-                   jax.ShapeDtypeStruct((B, H, Tp), F32), jax.ShapeDtypeStruct((B, H, Np, Pp), F32)],
+        out_specs=[sp["qk_part"], sp["qk_part"], sp["v"], sp["vec_part"], sp["vec_part"], sp["state"]],
+        out_shape=[jax.ShapeDtypeStruct(shape, F32) for shape in [(B, H, n_blocks, Tp, Np)] * 2 + [(B, H, Tp, Pp)]
+                   + [(B, H, n_blocks, Tp)] * 2 + [(B, H, Np, Pp)]],
         interpret=interpret, compiler_params=_compiler_params(interpret), name="delta_rule_bwd",
     )(q, k, v, beta, g, seg, states, dy, dfinal)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _core(q, k, v, beta, g, seg, s0, Q, segments, interpret):
-    y, final = _forward(q, k, v, beta, g, seg, s0, Q, segments, interpret, save_states=False)  # not differentiated
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _core(q, k, v, beta, g, seg, s0, Q, BP, segments, interpret):
+    y, final = _forward(q, k, v, beta, g, seg, s0, Q, BP, segments, interpret, save_states=False)  # undifferentiated
     return y, final
 
 
-def _core_fwd(q, k, v, beta, g, seg, s0, Q, segments, interpret):
-    y, final, states = _forward(q, k, v, beta, g, seg, s0, Q, segments, interpret, save_states=True)
+def _core_fwd(q, k, v, beta, g, seg, s0, Q, BP, segments, interpret):
+    y, final, states = _forward(q, k, v, beta, g, seg, s0, Q, BP, segments, interpret, save_states=True)
     return (y, final), (q, k, v, beta, g, seg, states)
 
 
-def _core_bwd(Q, segments, interpret, residuals, cotangents):
+def _core_bwd(Q, BP, segments, interpret, residuals, cotangents):
     q, k, v, beta, g, seg, states = residuals
     dy, dfinal = cotangents
-    dq, dk, dv, dbeta, dg, ds0 = _backward(q, k, v, beta, g, seg, states, dy, dfinal, Q, segments, interpret)
+    dq, dk, dv, dbeta, dg, ds0 = _backward(q, k, v, beta, g, seg, states, dy, dfinal, Q, BP, segments, interpret)
+    dq, dk, dbeta, dg = (x.sum(2) for x in (dq, dk, dbeta, dg))  # the value blocks' partial sums
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbeta.astype(beta.dtype), dg.astype(g.dtype),
             None, ds0)
 
@@ -240,10 +248,11 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def delta_rule(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH, *, chunk_size: int = 64, segment_ids_BT=None,
-               state_BHPN=None, interpret: bool = False):
+               state_BHPN=None, block_p: int = 64, interpret: bool = False):
     """The Pallas path -> (y [B, T, H, P] fp32, final state [B, H, P, N] fp32), differentiable in q, k, v,
     beta, the log decay and the initial state; same contract as reference.chunked. chunk_size must be a
-    power of two >= 16 (Triton); any T (the last chunk is padded)."""
+    power of two >= 16 (Triton); any T (the last chunk is padded). block_p (a power of two >= 16): the value
+    columns one program owns (grid (B, H, P' / block_p); each program recomputes the chunk's A, T and W)."""
     B, T, H, N = q_BTHN.shape
     P = v_BTHP.shape[3]
     if k_BTHN.shape != q_BTHN.shape or v_BTHP.shape[:3] != (B, T, H) or beta_BTH.shape != (B, T, H) \
@@ -253,7 +262,10 @@ def delta_rule(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH, *, chunk_size: i
     Q = chunk_size
     if Q < 16 or Q & (Q - 1):
         raise ValueError(f"delta rule kernel: chunk_size={Q} must be a power of two >= 16")
+    if block_p < 16 or block_p & (block_p - 1):
+        raise ValueError(f"delta rule kernel: block_p={block_p} must be a power of two >= 16")
     Tp, Np, Pp = -(-T // Q) * Q, _pow2(N), _pow2(P)
+    BP = min(block_p, Pp)
     dtype = jnp.promote_types(jnp.promote_types(q_BTHN.dtype, k_BTHN.dtype), v_BTHP.dtype)
 
     def head_major(x, features):  # [B, T, H, F] -> [B, H, T', F'], zero-padded
@@ -269,5 +281,5 @@ def delta_rule(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH, *, chunk_size: i
            else jnp.zeros((B, Tp), jnp.int32))
     s0 = jnp.zeros((B, H, P, N), F32) if state_BHPN is None else state_BHPN.astype(F32)
     s0 = jnp.pad(jnp.swapaxes(s0, 2, 3), ((0, 0), (0, 0), (0, Np - N), (0, Pp - P)))  # [B, H, N', P']
-    y, final = _core(q, k, v, per_token(beta_BTH), per_token(log_decay_BTH), seg, s0, Q, segments, interpret)
+    y, final = _core(q, k, v, per_token(beta_BTH), per_token(log_decay_BTH), seg, s0, Q, BP, segments, interpret)
     return jnp.moveaxis(y[:, :, :T, :P], 1, 2), jnp.swapaxes(final[:, :, :N, :P], 2, 3)

@@ -53,9 +53,9 @@ def _outputs_and_grads(fn, arrays, seg, s0, cotangents):
     return [np.asarray(x, np.float32) for x in (y, final, *[g for g in grads if g is not None])]
 
 
-def _pallas(chunk):
-    return lambda q, k, v, beta, g, seg, s0: ops.delta_rule(q, k, v, beta, g, chunk_size=chunk, segment_ids_BT=seg,
-                                                            state_BHPN=s0, impl="pallas", interpret=True)
+def _pallas(chunk, block_p=64):
+    return lambda q, k, v, beta, g, seg, s0: kernel.delta_rule(q, k, v, beta, g, chunk_size=chunk, segment_ids_BT=seg,
+                                                               state_BHPN=s0, block_p=block_p, interpret=True)
 
 
 def _xla(chunk):
@@ -77,36 +77,38 @@ def _assert_close(got, want, tol, *, rms=False):
         assert err <= tol, (name, err)
 
 
-CASES = {  # B, T, H, N, P, chunk, document lengths, initial state, strong decay
+CASES = {  # B, T, H, N, P, chunk, document lengths, initial state, strong decay, block_p
     # the default case: T % chunk != 0, documents starting mid-chunk and on a chunk boundary (16), a state,
-    # N and P padded to 16 and 32
-    "packed documents, initial state, padded features, T % chunk != 0": (2, 45, 2, 12, 20, 16, [10, 6, 20, 9], True, False),
-    "one document, no state, strong decay, chunk 32": (1, 70, 2, 16, 16, 32, None, False, True),
-    "chunk 64, two partial chunks' worth of documents": (1, 150, 1, 32, 32, 64, [40, 50, 60], True, False),
+    # N and P padded to 16 and 32, the value columns split over two programs (the second mostly padding)
+    "packed documents, initial state, padded features, two value blocks, T % chunk != 0":
+        (2, 45, 2, 12, 20, 16, [10, 6, 20, 9], True, False, 16),
+    "one document, no state, strong decay, chunk 32": (1, 70, 2, 16, 16, 32, None, False, True, 64),
+    "chunk 64, two partial chunks' worth of documents": (1, 150, 1, 32, 32, 64, [40, 50, 60], True, False, 64),
 }
 DEFAULT = next(iter(CASES))
 
 
 @functools.cache
 def _reference(case):
-    B, T, H, N, P, chunk, documents, state, strong = CASES[case]
+    B, T, H, N, P, chunk, documents, state, strong, _ = CASES[case]
     arrays, seg, s0, cot = _inputs(B, T, H, N, P, documents=documents, state=state, strong_decay=strong)
     return _outputs_and_grads(_xla(chunk), arrays, seg, s0, cot)
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=() if c == DEFAULT else pytest.mark.slow) for c in CASES])
 def test_pallas_matches_reference_fp32(case):
-    B, T, H, N, P, chunk, documents, state, strong = CASES[case]
+    B, T, H, N, P, chunk, documents, state, strong, block_p = CASES[case]
     arrays, seg, s0, cot = _inputs(B, T, H, N, P, documents=documents, state=state, strong_decay=strong)
-    _assert_close(_outputs_and_grads(_pallas(chunk), arrays, seg, s0, cot), _reference(case), 1e-5)
+    _assert_close(_outputs_and_grads(_pallas(chunk, block_p), arrays, seg, s0, cot), _reference(case), 1e-5)
 
 
 def test_pallas_bf16_inputs_fp32_accumulation():
     """q, k, v in bf16 (the reference upcasts the same values: its fp32 run is the oracle)."""
-    B, T, H, N, P, chunk, documents, state, strong = CASES[DEFAULT]
+    B, T, H, N, P, chunk, documents, state, strong, block_p = CASES[DEFAULT]
     arrays, seg, s0, cot = _inputs(B, T, H, N, P, documents=documents, state=state, strong_decay=strong)
     arrays = [a.astype(jnp.bfloat16) for a in arrays[:3]] + arrays[3:]
-    _assert_close(_outputs_and_grads(_pallas(chunk), arrays, seg, s0, cot), _reference(DEFAULT), 5e-3, rms=True)
+    got = _outputs_and_grads(_pallas(chunk, block_p), arrays, seg, s0, cot)
+    _assert_close(got, _reference(DEFAULT), 5e-3, rms=True)
 
 
 @pytest.mark.parametrize("Q", [16, 64])
@@ -127,19 +129,23 @@ def test_dispatch():
     auto = jax.make_jaxpr(lambda *a: ops.delta_rule(*a, chunk_size=16, state_BHPN=s0))(*arrays)
     assert str(auto) == str(jax.make_jaxpr(lambda *a: _xla(16)(*a, None, s0))(*arrays))
     y_ref, final_ref = jax.jit(lambda *a: _xla(16)(*a, None, s0))(*arrays)
-    y, final = jax.jit(lambda *a: _pallas(16)(*a, None, s0))(*arrays)
+    pallas = lambda *a: ops.delta_rule(*a, chunk_size=16, state_BHPN=s0, impl="pallas", interpret=True)  # noqa: E731
+    y, final = jax.jit(pallas)(*arrays)
     for got, want in ((y, y_ref), (final, final_ref)):
         assert np.max(np.abs(np.asarray(got) - np.asarray(want))) <= 1e-5 * np.max(np.abs(want))
     with pytest.raises(ValueError, match="impl"):
         ops.delta_rule(*arrays, impl="triton")
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="chunk_size=24 must be a power of two"):
         kernel.delta_rule(*arrays, chunk_size=24)
+    with pytest.raises(ValueError, match="block_p=48 must be a power of two"):
+        kernel.delta_rule(*arrays, block_p=48)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cuda_lowering_exports_on_cpu(dtype):
-    """Forward and backward lower to Triton for CUDA (block shapes that cannot compile fail here)."""
-    B, T, H, N, P = 1, 200, 2, 16, 24
+    """Forward and backward lower to Triton for CUDA (block shapes that cannot compile fail here); P = 72 pads
+    to two value blocks of 64."""
+    B, T, H, N, P = 1, 200, 2, 16, 72
 
     def loss(q, k, v, beta, g, seg, s0):
         y, final = kernel.delta_rule(q, k, v, beta, g, segment_ids_BT=seg, state_BHPN=s0)  # chunk 64
@@ -159,12 +165,12 @@ def test_cuda_lowering_exports_on_cpu(dtype):
 
 @pytest.mark.slow
 @settings(max_examples=3, deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate])
-@given(T=st.integers(1, 70), chunk=st.sampled_from([16, 32, 64]), state=st.booleans(),
-       cuts=st.lists(st.integers(1, 69), max_size=4))
-def test_property_any_length_chunk_and_documents(T, chunk, state, cuts):
+@given(T=st.integers(1, 70), chunk=st.sampled_from([16, 32, 64]), block_p=st.sampled_from([16, 32]),
+       state=st.booleans(), cuts=st.lists(st.integers(1, 69), max_size=4))
+def test_property_any_length_chunk_and_documents(T, chunk, block_p, state, cuts):
     documents = np.diff([0] + sorted({c for c in cuts if c < T}) + [T]).tolist()
-    arrays, seg, s0, cot = _inputs(1, T, 2, 16, 16, documents=documents, state=state, seed=T)
-    got = _outputs_and_grads(_pallas(chunk), arrays, seg, s0, cot)
+    arrays, seg, s0, cot = _inputs(1, T, 2, 16, 32, documents=documents, state=state, seed=T)
+    got = _outputs_and_grads(_pallas(chunk, block_p), arrays, seg, s0, cot)
     want = _outputs_and_grads(_xla(chunk), arrays, seg, s0, cot)
     _assert_close(got, want, 1e-5)
 
