@@ -11,7 +11,8 @@ class named in DESIGN.md).
 impl: "xla" (masked einsum over all T x T pairs, any backend), "blockwise" (flash attention's algorithm
 in plain JAX over the mask's kept blocks only: layers/blockwise.py), "cudnn" (GPU flash attention;
 causal, window and segment ids only), "pallas" (the block-sparse flash attention kernel,
-kernels/flash_attention: the same schedule and rule, Triton on GPU, interpret mode on CPU; no MoA spans;
+kernels/flash_attention: the same schedule and rule, Triton on GPU, splash attention on TPU, interpret mode
+on CPU; no MoA spans;
 opt-in: `auto` never picks it until it is measured on a GPU), "auto" (`choose_impl`).
 
 Mixers registered here: "attn" (causal, full KV cache) and "swa" (sliding window of
@@ -179,7 +180,8 @@ def _pallas_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float) -> jax.A
     """The flash attention kernel (kernels/flash_attention) driven by this mask: the blocks it visits are
     the blockwise schedule's table (`schedule(...).has_KQK`, exact for one document per row, a superset for
     packed ones), the rule inside them is `masks.visible` on document offsets, and with packed documents
-    each query block also visits its document's anchor tokens (sinks, global blocks)."""
+    each query block also visits its document's anchor tokens (sinks, global blocks). On TPU the op runs
+    JAX's splash attention instead (packed rows: causal and window only)."""
     if mask.spans is not None:
         raise NotImplementedError("attention impl='pallas' cannot honour Mask.spans (MoA per-head spans); "
                                   "use impl='blockwise' or 'xla'")
@@ -191,6 +193,7 @@ def _pallas_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float) -> jax.A
     return flash_ops.flash_attention(
         q_BTHP, k_BTKP, v_BTKP, blocks_QK=table, visible=_visibility(mask.static), segment_ids_BT=mask.segment_ids_BT,
         offsets_BT=document_offsets_BT(mask.segment_ids_BT) if packed else None, anchor=mask.anchor if packed else 0,
+        index_rule=not any((mask.chunk, mask.sinks, mask.block_sparse)),  # packed rows on TPU (splash) need it
         scale=scale, block_q=block, block_k=block, impl="pallas")
 
 

@@ -97,8 +97,14 @@ def _iota(n, start):
     return start + jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
 
 
-def _forward_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, qoff_ref, koff_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
-                    *, cfg: Config):
+def _tokens(cfg: Config, refs):
+    """(q_off, k_off, q_seg, k_seg refs, the remaining refs): the token refs are passed only for packed rows
+    (fewer operands: less to slice per grid step in interpret mode)."""
+    return (refs[:4], refs[4:]) if cfg.packed else ((None,) * 4, refs)
+
+
+def _forward_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Config):
+    (qoff_ref, koff_ref, qseg_ref, kseg_ref), (o_ref, lse_ref) = _tokens(cfg, refs)
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(2)
     q = q_ref[...]
@@ -130,8 +136,8 @@ def _forward_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, qoff_ref, koff
     lse_ref[...] = jnp.where(seen_any, m + jnp.log(l_safe), jnp.inf)
 
 
-def _dq_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, qoff_ref, koff_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, cfg: Config):
+def _dq_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Config):
+    (qoff_ref, koff_ref, qseg_ref, kseg_ref), (do_ref, lse_ref, delta_ref, dq_ref) = _tokens(cfg, refs)
     bq, bk = cfg.block_q, cfg.block_k
     i = pl.program_id(2)
     q, do = q_ref[...], do_ref[...]
@@ -154,8 +160,8 @@ def _dq_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, qoff_ref, koff_ref,
     dq_ref[...] = dq * cfg.scale
 
 
-def _dkdv_kernel(qblocks_ref, qcount_ref, q_ref, k_ref, v_ref, qoff_ref, koff_ref, qseg_ref, kseg_ref, do_ref, lse_ref,
-                 delta_ref, dk_ref, dv_ref, *, cfg: Config):
+def _dkdv_kernel(qblocks_ref, qcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Config):
+    (qoff_ref, koff_ref, qseg_ref, kseg_ref), (do_ref, lse_ref, delta_ref, dk_ref, dv_ref) = _tokens(cfg, refs)
     bq, bk = cfg.block_q, cfg.block_k
     j = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
@@ -192,16 +198,21 @@ def _specs(cfg: Config, B: int, Tp: int, Pp: int, rows: int, M: int, blocks_axis
     k_at = (lambda i: i) if blocks_axis == "k" else (lambda i: 0)
     qT = bq if blocks_axis == "q" else Tp  # the programs' own blocks; the other side is read whole
     kT = bk if blocks_axis == "k" else Tp
+    q_tok = pl.BlockSpec((None, qT), lambda b, h, i: (b, q_at(i)))
+    k_tok = pl.BlockSpec((None, kT), lambda b, h, i: (b, k_at(i)))
     return dict(
+        tokens=[q_tok, k_tok, q_tok, k_tok] if cfg.packed else [],
         lists=pl.BlockSpec((None, None, M), lambda b, h, i: (row(b), i, 0)),
         count=pl.BlockSpec((None, None, 1), lambda b, h, i: (row(b), i, 0)),
         q=pl.BlockSpec((None, None, qT, Pp), lambda b, h, i: (b, h, q_at(i), 0)),
         kv=pl.BlockSpec((None, None, kT, Pp), lambda b, h, i: (b, h // G, k_at(i), 0)),
         kv_head=pl.BlockSpec((None, None, kT, Pp), lambda b, h, i: (b, h, k_at(i), 0)),  # per query head (dk, dv)
-        q_tok=pl.BlockSpec((None, qT), lambda b, h, i: (b, q_at(i))),
-        k_tok=pl.BlockSpec((None, kT), lambda b, h, i: (b, k_at(i))),
         q_row=pl.BlockSpec((None, None, qT), lambda b, h, i: (b, h, q_at(i))),
     )
+
+
+def _token_args(cfg: Config, off, seg):
+    return (off, off, seg, seg) if cfg.packed else ()
 
 
 def _forward(cfg: Config, q, k, v, off, seg, kblocks, kcount):
@@ -209,11 +220,11 @@ def _forward(cfg: Config, q, k, v, off, seg, kblocks, kcount):
     sp = _specs(cfg, B, Tp, Pp, kblocks.shape[0], kblocks.shape[2], "q")
     return pl.pallas_call(
         functools.partial(_forward_kernel, cfg=cfg), grid=(B, H, Tp // cfg.block_q),
-        in_specs=[sp["lists"], sp["count"], sp["q"], sp["kv"], sp["kv"], sp["q_tok"], sp["k_tok"], sp["q_tok"], sp["k_tok"]],
+        in_specs=[sp["lists"], sp["count"], sp["q"], sp["kv"], sp["kv"], *sp["tokens"]],
         out_specs=[sp["q"], sp["q_row"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Tp), F32)],
         interpret=cfg.interpret, compiler_params=_compiler_params(cfg), name="flash_attention_fwd",
-    )(kblocks, kcount, q, k, v, off, off, seg, seg)
+    )(kblocks, kcount, q, k, v, *_token_args(cfg, off, seg))
 
 
 def _backward(cfg: Config, q, k, v, off, seg, lists, o, lse, do):
@@ -223,19 +234,19 @@ def _backward(cfg: Config, q, k, v, off, seg, lists, o, lse, do):
     sp = _specs(cfg, B, Tp, Pp, kblocks.shape[0], kblocks.shape[2], "q")
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg), grid=(B, H, Tp // cfg.block_q),
-        in_specs=[sp["lists"], sp["count"], sp["q"], sp["kv"], sp["kv"], sp["q_tok"], sp["k_tok"], sp["q_tok"], sp["k_tok"],
+        in_specs=[sp["lists"], sp["count"], sp["q"], sp["kv"], sp["kv"], *sp["tokens"],
                   sp["q"], sp["q_row"], sp["q_row"]],
         out_specs=sp["q"], out_shape=jax.ShapeDtypeStruct(q.shape, F32),
         interpret=cfg.interpret, compiler_params=_compiler_params(cfg), name="flash_attention_dq",
-    )(kblocks, kcount, q, k, v, off, off, seg, seg, do, lse, delta)
+    )(kblocks, kcount, q, k, v, *_token_args(cfg, off, seg), do, lse, delta)
     sp = _specs(cfg, B, Tp, Pp, qblocks.shape[0], qblocks.shape[2], "k")
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg), grid=(B, H, Tp // cfg.block_k),
-        in_specs=[sp["lists"], sp["count"], sp["q"], sp["kv"], sp["kv"], sp["q_tok"], sp["k_tok"], sp["q_tok"], sp["k_tok"],
+        in_specs=[sp["lists"], sp["count"], sp["q"], sp["kv"], sp["kv"], *sp["tokens"],
                   sp["q"], sp["q_row"], sp["q_row"]],
         out_specs=[sp["kv_head"], sp["kv_head"]], out_shape=[jax.ShapeDtypeStruct(q.shape, F32)] * 2,
         interpret=cfg.interpret, compiler_params=_compiler_params(cfg), name="flash_attention_dkdv",
-    )(qblocks, qcount, q, k, v, off, off, seg, seg, do, lse, delta)
+    )(qblocks, qcount, q, k, v, *_token_args(cfg, off, seg), do, lse, delta)
     K = k.shape[1]
     dk, dv = (x.reshape(B, K, cfg.G, Tp, Pp).sum(2) for x in (dk, dv))  # the G query heads of each kv head
     return dq, dk, dv
@@ -286,6 +297,6 @@ def flash_attention(q_BTHP, k_BTKP, v_BTKP, *, lists, scale: float, block_q: int
         tok = lambda x: jnp.pad(x.astype(jnp.int32), ((0, 0), (0, Tp - T)))  # noqa: E731  padding: masked by index
         off, seg = tok(offsets_BT), tok(segment_ids_BT)
     else:
-        off = seg = jnp.zeros((B, Tp), jnp.int32)  # unread: the kernels use token indices
+        off = seg = None  # the kernels use token indices
     o = _core(cfg, q, k, v, off, seg, tuple(lists))
     return jnp.swapaxes(o[:, :, :T, :P], 1, 2)

@@ -18,10 +18,17 @@ hands it primitives:
                `anchor` tokens of the document its first query is in (sinks, global blocks: where they lie
                is known only at run time, so these blocks join the list then)
 
+  index_rule   `visible` on token indices equals it on document offsets (causal, window): what the splash
+               path needs for packed rows (its static mask is on token indices, its segment ids separate
+               the documents)
+
 impl (dispatch):
-  auto     pallas on GPU, xla elsewhere
+  auto     pallas on GPU, splash on TPU, xla elsewhere
   pallas   kernel.py: Pallas forward, dq and dk/dv kernels (Triton lowering), custom_vjp; on CPU it runs in
-           interpret mode (slow: tests only). On TPU it raises: JAX's splash attention is not wired in yet.
+           interpret mode (slow: tests only). On TPU: splash.
+  splash   JAX's splash attention (jax.experimental.pallas.ops.tpu.splash_attention, TPU; interpret mode on
+           CPU), its static mask the rule evaluated in numpy on token indices, padded to blocks of 128;
+           packed rows only with index_rule=True (else NotImplementedError)
   xla      reference.attention: every pair, masked, fp32 (autodiff)
 
 Benchmarks, e.g. causal and a 512-token window:
@@ -39,12 +46,12 @@ import numpy as np
 
 from effax.kernels.flash_attention import kernel, reference
 
-IMPLS = ("auto", "pallas", "xla")
+IMPLS = ("auto", "pallas", "splash", "xla")
 
 
 def flash_attention(q_BTHP, k_BTKP, v_BTKP, *, blocks_QK=None, visible=None, segment_ids_BT=None, offsets_BT=None,
-                    anchor: int = 0, scale: float | None = None, block_q: int = 64, block_k: int = 64,
-                    impl: str = "auto", interpret: bool | None = None):
+                    anchor: int = 0, index_rule: bool = False, scale: float | None = None, block_q: int = 64,
+                    block_k: int = 64, impl: str = "auto", interpret: bool | None = None):
     """See the module docstring. interpret: run the Pallas kernels in interpret mode (default: on CPU)."""
     if impl not in IMPLS:
         raise ValueError(f"flash_attention impl={impl!r} is not one of {IMPLS}")
@@ -58,14 +65,19 @@ def flash_attention(q_BTHP, k_BTKP, v_BTKP, *, blocks_QK=None, visible=None, seg
     scale = 1 / math.sqrt(P) if scale is None else float(scale)
     backend = jax.default_backend()
     if impl == "auto":
-        impl = "pallas" if backend == "gpu" else "xla"
+        impl = {"gpu": "pallas", "tpu": "splash"}.get(backend, "xla")
+    if impl == "pallas" and backend == "tpu":
+        impl = "splash"  # the Triton kernel is for GPUs; on TPU the same op is JAX's splash attention
     if impl == "xla":
         return reference.attention(q_BTHP, k_BTKP, v_BTKP, visible=visible, segment_ids_BT=segment_ids_BT,
                                    offsets_BT=offsets_BT if packed else None, scale=scale)
     interpret = backend == "cpu" if interpret is None else interpret
-    if backend == "tpu" and not interpret:
-        raise NotImplementedError("flash_attention impl='pallas' is a Triton (GPU) kernel; on TPU JAX's splash attention "
-                                  "is not wired in yet: use the attention layer's impl='blockwise' or 'xla'")
+    if impl == "splash":
+        if packed and not index_rule:
+            raise NotImplementedError("flash_attention impl='splash': packed documents need a rule that is the same on "
+                                      "token indices as on document offsets (index_rule=True: causal, window); chunks, "
+                                      "sinks and block-sparse patterns restart per document, which splash cannot express")
+        return _splash(q_BTHP, k_BTKP, v_BTKP, visible, segment_ids_BT, scale, interpret)
     n_q, n_k = -(-T // block_q), -(-T // block_k)
     if blocks_QK is None:
         blocks_QK = _table_from_rule(visible, T, block_q, block_k) if not packed else np.ones((n_q, n_k), bool)
@@ -84,6 +96,42 @@ def flash_attention(q_BTHP, k_BTKP, v_BTKP, *, blocks_QK=None, visible=None, seg
     return kernel.flash_attention(q_BTHP, k_BTKP, v_BTKP, lists=lists, scale=scale, block_q=block_q, block_k=block_k,
                                   visible=visible, offsets_BT=offsets_BT, segment_ids_BT=segment_ids_BT,
                                   interpret=interpret)
+
+
+def _splash(q_BTHP, k_BTKP, v_BTKP, visible, segment_ids_BT, scale, interpret):
+    """JAX's splash attention: per batch row (vmap), per kv head (vmap) its MQA kernel over the G query
+    heads. T is padded to blocks of 128 (TPU tiles); a padded query sees only itself, so no real row sees a
+    padded key and no row is empty (splash needs every row to see a key; real rows that see none are
+    zeroed afterwards). Splash does not scale: q is pre-scaled."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    B, T, H, P = q_BTHP.shape
+    K = k_BTKP.shape[2]
+    G, Tp = H // K, -(-T // 128) * 128
+    i, j = np.arange(Tp)[:, None], np.arange(Tp)[None, :]
+    seen = np.ones((Tp, Tp), bool) if visible is None else np.broadcast_to(np.asarray(visible(i, j)), (Tp, Tp))
+    seen = (seen & (i < T) & (j < T)) | ((i == j) & (i >= T))
+    empty_T = ~seen[:T].any(1)
+    block = min(512, Tp) if Tp % min(512, Tp) == 0 else 128
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    kernel_fn = splash.make_splash_mqa(splash_mask.MultiHeadMask([splash_mask.NumpyMask(seen)] * G), block_sizes=sizes,
+                                       head_shards=1, q_seq_shards=1, interpret=interpret)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    q_BKGTP = pad(q_BTHP * jnp.asarray(scale, q_BTHP.dtype)).reshape(B, Tp, K, G, P).transpose(0, 2, 3, 1, 4)
+    k_BKTP, v_BKTP = (pad(x.astype(q_BTHP.dtype)).transpose(0, 2, 1, 3) for x in (k_BTKP, v_BTKP))
+    seg_BT = jnp.zeros((B, Tp), jnp.int32) if segment_ids_BT is None else pad(segment_ids_BT.astype(jnp.int32))
+
+    def row(q_KGTP, k_KTP, v_KTP, seg_T):
+        ids = splash.SegmentIds(q=seg_T, kv=seg_T)
+        return jax.vmap(lambda q, k, v: kernel_fn(q, k, v, segment_ids=ids))(q_KGTP, k_KTP, v_KTP)
+
+    out_BKGTP = jax.vmap(row)(q_BKGTP, k_BKTP, v_BKTP, seg_BT)
+    out_BTHP = out_BKGTP.transpose(0, 3, 1, 2, 4).reshape(B, Tp, H, P)[:, :T]
+    if empty_T.any():
+        out_BTHP = jnp.where(jnp.asarray(empty_T)[None, :, None, None], 0, out_BTHP)
+    return out_BTHP.astype(q_BTHP.dtype)
 
 
 def _table_from_rule(visible, T: int, block_q: int, block_k: int) -> np.ndarray:
