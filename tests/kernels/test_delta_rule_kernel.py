@@ -209,3 +209,7 @@ def test_gdn_layer_runs_the_kernel_when_configured(monkeypatch):
         outs[impl] = np.asarray(forward(state, x, seg))
     assert len(calls) == 1  # traced once in the pallas run, never in the xla run
     close(outs["pallas"], outs["xla"])
+    from effax.models.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="model.linear_attention_impl=pallas needs model.chunk_size a power of two"):
+        dataclasses.replace(TINY, n_layers=1, pattern=("gdn",), chunk_size=24, linear_attention_impl="pallas").validate()
