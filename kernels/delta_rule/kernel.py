@@ -27,8 +27,8 @@ exp(cum_Q - cum_s), d = [no document start in the chunk] exp(cum_Q)):
 Under differentiation it also writes every chunk's entering state S ([B, H, chunks * N', P'], fp32): the
 backward's residual (inference and prefill skip it).
 
-Backward, derived from the forward above. Per head, chunks in reverse, the cotangent dS' of the state
-leaving the chunk carried in registers; each chunk recomputes A, T, W, U from its stored entering state.
+Backward, derived from the forward above. Per head and value block, chunks in reverse, the cotangent dS'
+of the state leaving the chunk carried in registers; each chunk recomputes A, T, W, U from its stored entering state.
 With K = k k^T, C = (q k^T) * D, dy the output cotangent:
     dU   = (b * k) dS' + C^T dy                         (both uses of U)
     dC   = dy U^T,                 dW = -dU S^T,         dT = dU (beta * v)^T + dW ((beta a) * k)^T
