@@ -8,12 +8,16 @@ its dots sides >= 16). Query head h reads kv head h // G (G = H / K) through the
 never copies k or v per head.
 
 Which blocks run. Two lists drive the loops, both int32 and padded: for every query block the key blocks
-it visits (`kblocks [R, n_q, M]`, `kcount [R, n_q, 1]`), and transposed, for every key block the query
+it visits (`kblocks [R, n_q, M]`, `kcount [R, n_q, 2]`), and transposed, for every key block the query
 blocks that visit it (`qblocks [R, n_k, N]`, `qcount`); R is 1 (one schedule for every batch row) or B.
 A program loops over its list only, so a block outside it costs nothing (not computed then masked). Inside
 a visited block the element rule decides:
 
     visible(q_off, k_off) & [same document] & [both indices < T]
+
+except in the blocks where it holds everywhere (known in numpy for rows of one document): each list puts
+those first and its count is (full blocks, all blocks), so the rule's arithmetic runs only where it can
+mask something (a `lax.cond`, uniform across a program).
 
 where `visible` is a jnp callable on broadcast int32 offsets (positions within each token's document;
 token indices when rows are not packed). It runs inside the kernel, traced once.
@@ -43,6 +47,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 F32 = jnp.float32
@@ -59,6 +64,7 @@ class Config:
     scale: float
     visible: Callable | None  # (q_off, k_off) -> bool, broadcasting; None: every key
     packed: bool  # offsets and segment ids come from arrays (else token indices, one document)
+    full_blocks: bool  # some listed blocks are fully visible (they skip the element rule)
     interpret: bool
     num_warps: int = 4
     num_stages: int = 2
@@ -93,6 +99,13 @@ def _seen(cfg: Config, qi, ki, q_off, k_off, q_seg, k_seg):
     return ok
 
 
+def _masked(cfg: Config, full, x, seen_fn, fill):
+    """x where the element rule holds, else `fill`; a fully visible block (`full`) skips the rule."""
+    if not cfg.full_blocks:
+        return jnp.where(seen_fn(), x, fill)
+    return jax.lax.cond(full, lambda x: x, lambda x: jnp.where(seen_fn(), x, fill), x)
+
+
 def _iota(n, start):
     return start + jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
 
@@ -118,8 +131,8 @@ def _forward_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Co
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
         k_off, k_seg = (koff_ref[pl.ds(start, bk)], kseg_ref[pl.ds(start, bk)]) if cfg.packed else (None, None)
-        seen = _seen(cfg, qi, _iota(bk, start), q_off, k_off, q_seg, k_seg)
-        s = jnp.where(seen, _dot(q, k, 1, 1, precision) * cfg.scale, -jnp.inf)
+        seen = lambda: _seen(cfg, qi, _iota(bk, start), q_off, k_off, q_seg, k_seg)  # noqa: E731
+        s = _masked(cfg, n < kcount_ref[0], _dot(q, k, 1, 1, precision) * cfg.scale, seen, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # nothing seen yet: keep exp() finite
         p = jnp.exp(s - m_safe[:, None])
@@ -129,7 +142,7 @@ def _forward_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Co
         return m_new, l, acc
 
     init = (jnp.full((bq,), -jnp.inf, F32), jnp.zeros((bq,), F32), jnp.zeros(o_ref.shape, F32))
-    m, l, acc = jax.lax.fori_loop(0, kcount_ref[0], body, init)
+    m, l, acc = jax.lax.fori_loop(0, kcount_ref[1], body, init)
     seen_any = l > 0
     l_safe = jnp.where(seen_any, l, 1.0)
     o_ref[...] = jnp.where(seen_any[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
@@ -151,12 +164,12 @@ def _dq_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Config)
         k = k_ref[pl.ds(start, bk), :]
         v = v_ref[pl.ds(start, bk), :]
         k_off, k_seg = (koff_ref[pl.ds(start, bk)], kseg_ref[pl.ds(start, bk)]) if cfg.packed else (None, None)
-        seen = _seen(cfg, qi, _iota(bk, start), q_off, k_off, q_seg, k_seg)
-        p = jnp.where(seen, jnp.exp(_dot(q, k, 1, 1, precision) * cfg.scale - lse[:, None]), 0.0)
+        seen = lambda: _seen(cfg, qi, _iota(bk, start), q_off, k_off, q_seg, k_seg)  # noqa: E731
+        p = _masked(cfg, n < kcount_ref[0], jnp.exp(_dot(q, k, 1, 1, precision) * cfg.scale - lse[:, None]), seen, 0.0)
         ds = p * (_dot(do, v, 1, 1, precision) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, 1, 0, precision)
 
-    dq = jax.lax.fori_loop(0, kcount_ref[0], body, jnp.zeros(dq_ref.shape, F32))
+    dq = jax.lax.fori_loop(0, kcount_ref[1], body, jnp.zeros(dq_ref.shape, F32))
     dq_ref[...] = dq * cfg.scale
 
 
@@ -177,15 +190,15 @@ def _dkdv_kernel(qblocks_ref, qcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Confi
         lse = lse_ref[pl.ds(start, bq)]
         delta = delta_ref[pl.ds(start, bq)]
         q_off, q_seg = (qoff_ref[pl.ds(start, bq)], qseg_ref[pl.ds(start, bq)]) if cfg.packed else (None, None)
-        seen = _seen(cfg, _iota(bq, start), ki, q_off, k_off, q_seg, k_seg)
-        p = jnp.where(seen, jnp.exp(_dot(q, k, 1, 1, precision) * cfg.scale - lse[:, None]), 0.0)  # [bq, bk]
+        seen = lambda: _seen(cfg, _iota(bq, start), ki, q_off, k_off, q_seg, k_seg)  # noqa: E731
+        p = _masked(cfg, n < qcount_ref[0], jnp.exp(_dot(q, k, 1, 1, precision) * cfg.scale - lse[:, None]), seen, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, 0, 0, precision)
         ds = p * (_dot(do, v, 1, 1, precision) - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, 0, 0, precision)
         return dk, dv
 
     zeros = jnp.zeros(dk_ref.shape, F32)
-    dk, dv = jax.lax.fori_loop(0, qcount_ref[0], body, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(0, qcount_ref[1], body, (zeros, zeros))
     dk_ref[...] = dk * cfg.scale
     dv_ref[...] = dv
 
@@ -203,7 +216,7 @@ def _specs(cfg: Config, B: int, Tp: int, Pp: int, rows: int, M: int, blocks_axis
     return dict(
         tokens=[q_tok, k_tok, q_tok, k_tok] if cfg.packed else [],
         lists=pl.BlockSpec((None, None, M), lambda b, h, i: (row(b), i, 0)),
-        count=pl.BlockSpec((None, None, 1), lambda b, h, i: (row(b), i, 0)),
+        count=pl.BlockSpec((None, None, 2), lambda b, h, i: (row(b), i, 0)),
         q=pl.BlockSpec((None, None, qT, Pp), lambda b, h, i: (b, h, q_at(i), 0)),
         kv=pl.BlockSpec((None, None, kT, Pp), lambda b, h, i: (b, h // G, k_at(i), 0)),
         kv_head=pl.BlockSpec((None, None, kT, Pp), lambda b, h, i: (b, h, k_at(i), 0)),  # per query head (dk, dv)
@@ -287,7 +300,8 @@ def flash_attention(q_BTHP, k_BTKP, v_BTKP, *, lists, scale: float, block_q: int
     Tp = -(-T // max(block_q, block_k)) * max(block_q, block_k)
     Pp = pow2(P)
     packed = segment_ids_BT is not None
-    cfg = Config(T, H // K, block_q, block_k, float(scale), visible, packed, interpret)
+    full_blocks = bool(np.any(np.asarray(lists[1])[..., 0])) if isinstance(lists[1], np.ndarray) else False
+    cfg = Config(T, H // K, block_q, block_k, float(scale), visible, packed, full_blocks, interpret)
 
     def head_major(x):  # [B, T, X, P] -> [B, X, T', P'], zero-padded
         return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, Tp - T), (0, Pp - P)))

@@ -79,20 +79,24 @@ def flash_attention(q_BTHP, k_BTKP, v_BTKP, *, blocks_QK=None, visible=None, seg
                                       "sinks and block-sparse patterns restart per document, which splash cannot express")
         return _splash(q_BTHP, k_BTKP, v_BTKP, visible, segment_ids_BT, scale, interpret)
     n_q, n_k = -(-T // block_q), -(-T // block_k)
+    full_QK = np.zeros((n_q, n_k), bool)  # packed: documents may split any block, so none is known full
+    if not packed:
+        some_QK, full_QK = _rule_tables(visible, T, block_q, block_k)
     if blocks_QK is None:
-        blocks_QK = _table_from_rule(visible, T, block_q, block_k) if not packed else np.ones((n_q, n_k), bool)
+        blocks_QK = some_QK if not packed else np.ones((n_q, n_k), bool)
     blocks_QK = np.asarray(blocks_QK, bool)
     if blocks_QK.shape != (n_q, n_k):
         raise ValueError(f"flash_attention: blocks_QK has shape {blocks_QK.shape}, expected {(n_q, n_k)} "
                          f"(T={T}, block_q={block_q}, block_k={block_k})")
     Tp = -(-T // max(block_q, block_k)) * max(block_q, block_k)  # the kernel's padded length
-    table = np.zeros((Tp // block_q, Tp // block_k), bool)
+    table, full = (np.zeros((Tp // block_q, Tp // block_k), bool) for _ in range(2))
     table[:n_q, :n_k] = blocks_QK
+    full[:n_q, :n_k] = full_QK & blocks_QK
     if packed and anchor:
         lists = _dynamic_lists(table, _anchor_blocks(offsets_BT, T, block_q, block_k, table.shape, anchor),
                                -(-anchor // block_k) + 1)
     else:
-        lists = _static_lists(table)
+        lists = _static_lists(table, full)
     return kernel.flash_attention(q_BTHP, k_BTKP, v_BTKP, lists=lists, scale=scale, block_q=block_q, block_k=block_k,
                                   visible=visible, offsets_BT=offsets_BT, segment_ids_BT=segment_ids_BT,
                                   interpret=interpret)
@@ -134,38 +138,43 @@ def _splash(q_BTHP, k_BTKP, v_BTKP, visible, segment_ids_BT, scale, interpret):
     return out_BTHP.astype(q_BTHP.dtype)
 
 
-def _table_from_rule(visible, T: int, block_q: int, block_k: int) -> np.ndarray:
-    """bool [n_q, n_k]: the blocks holding a visible pair, the rule evaluated on token indices in numpy
-    (exact for one document per row), a slab of query blocks at a time."""
+def _rule_tables(visible, T: int, block_q: int, block_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """bool [n_q, n_k] twice: the blocks holding a visible pair, and the blocks visible everywhere (inside
+    T), the rule evaluated on token indices in numpy (exact for one document per row), a slab of query
+    blocks at a time."""
     n_q, n_k = -(-T // block_q), -(-T // block_k)
-    if visible is None:
-        return np.ones((n_q, n_k), bool)
-    out = np.zeros((n_q, n_k), bool)
+    some, full = np.zeros((n_q, n_k), bool), np.zeros((n_q, n_k), bool)
     j = np.arange(n_k * block_k)[None, :]
     rows = max(1, (1 << 22) // (n_k * block_k * block_q))
     for start in range(0, n_q, rows):
         n = min(rows, n_q - start)
         i = np.arange(start * block_q, (start + n) * block_q)[:, None]
-        seen = np.broadcast_to(np.asarray(visible(i, j)), (i.shape[0], j.shape[1])) & (i < T) & (j < T)
-        out[start : start + n] = seen.reshape(n, block_q, n_k, block_k).any(axis=(1, 3))
-    return out
+        rule = np.ones((), bool) if visible is None else np.asarray(visible(i, j))
+        seen = np.broadcast_to(rule, (i.shape[0], j.shape[1])) & (i < T) & (j < T)
+        seen = seen.reshape(n, block_q, n_k, block_k)
+        some[start : start + n], full[start : start + n] = seen.any(axis=(1, 3)), seen.all(axis=(1, 3))
+    return some, full
 
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _static_lists(table_QK: np.ndarray):
-    """(kblocks [1, n_q, M], kcount [1, n_q, 1], qblocks [1, n_k, N], qcount [1, n_k, 1]), int32 numpy."""
-    def lists(table):
-        count = table.sum(1)
-        out = np.zeros((1, table.shape[0], _pow2(max(int(count.max(initial=0)), 1))), np.int32)
-        for r, row in enumerate(table):
-            idx = np.flatnonzero(row)
-            out[0, r, : len(idx)] = idx
-        return out, count.astype(np.int32).reshape(1, -1, 1)
+def _static_lists(table_QK: np.ndarray, full_QK: np.ndarray | None = None):
+    """(kblocks [1, n_q, M], kcount [1, n_q, 2], qblocks [1, n_k, N], qcount [1, n_k, 2]), int32 numpy; each
+    list holds its fully visible blocks first, its count is (full blocks, all blocks)."""
+    full_QK = np.zeros_like(table_QK) if full_QK is None else full_QK
 
-    return (*lists(table_QK), *lists(table_QK.T))
+    def lists(table, full):
+        out = np.zeros((1, table.shape[0], _pow2(max(int(table.sum(1).max(initial=0)), 1))), np.int32)
+        count = np.zeros((1, table.shape[0], 2), np.int32)
+        for r, (row, row_full) in enumerate(zip(table, full)):
+            idx = np.concatenate([np.flatnonzero(row_full), np.flatnonzero(row & ~row_full)])
+            out[0, r, : len(idx)] = idx
+            count[0, r] = row_full.sum(), len(idx)
+        return out, count
+
+    return (*lists(table_QK, full_QK), *lists(table_QK.T, full_QK.T))
 
 
 def _anchor_blocks(offsets_BT, T, block_q, block_k, shape, anchor):
@@ -189,7 +198,8 @@ def _dynamic_lists(table_QK: np.ndarray, extra_BQK, extra_per_row: int):
         width = _pow2(max(min(width, t.shape[-1]), 1))
         order = jnp.argsort(~t, axis=-1, stable=True).astype(jnp.int32)
         order = jnp.pad(order, ((0, 0), (0, 0), (0, max(width - t.shape[-1], 0))))[..., :width]
-        return order, jnp.sum(t, axis=-1, dtype=jnp.int32)[..., None]
+        count = jnp.sum(t, axis=-1, dtype=jnp.int32)[..., None]
+        return order, jnp.concatenate([jnp.zeros_like(count), count], axis=-1)  # no block known full (packed)
 
     return (*lists(table_BQK, int(table_QK.sum(1).max(initial=0)) + extra_per_row),
             *lists(jnp.swapaxes(table_BQK, 1, 2), n_q))

@@ -160,11 +160,19 @@ TABLE = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1]], bool)
 
 
 def test_block_lists_follow_the_table():
-    """The loops' lists hold exactly the table's blocks, forward (key blocks per query block) and transposed."""
-    kblocks, kcount, qblocks, qcount = ops._static_lists(TABLE)
-    for lists, count, t in ((kblocks, kcount, TABLE), (qblocks, qcount, TABLE.T)):
-        for r, row in enumerate(t):
-            assert list(lists[0, r, : count[0, r, 0]]) == list(np.flatnonzero(row))
+    """The loops' lists hold exactly the table's blocks, forward (key blocks per query block) and transposed,
+    the fully visible ones first (counts: full, all); the rule's tables on token indices."""
+    full = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 0]], bool)
+    kblocks, kcount, qblocks, qcount = ops._static_lists(TABLE, full)
+    for lists, count, t, f in ((kblocks, kcount, TABLE, full), (qblocks, qcount, TABLE.T, full.T)):
+        for r, (row, row_full) in enumerate(zip(t, f)):
+            assert list(lists[0, r, : count[0, r, 1]]) == list(np.flatnonzero(row_full)) + list(np.flatnonzero(row & ~row_full))
+            assert count[0, r, 0] == row_full.sum()
+    some, full = ops._rule_tables(lambda i, j: (j <= i) & (i - j < 20), 40, 16, 16)  # T = 40: block 2 is partial
+    np.testing.assert_array_equal(some, [[1, 0, 0], [1, 1, 0], [1, 1, 1]])
+    np.testing.assert_array_equal(full, [[0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    some, full = ops._rule_tables(lambda i, j: j <= i, 64, 16, 16)
+    np.testing.assert_array_equal(full, np.tril(np.ones((4, 4), bool), -1))
 
 
 @pytest.mark.slow
@@ -180,7 +188,7 @@ def test_anchor_blocks_join_the_lists():
 
     extra, (kblocks, kcount, *_) = dynamic(jnp.asarray([[1] * 5 + [2] * 43]))  # the second document starts at token 5
     np.testing.assert_array_equal(np.asarray(extra[0]), [[1, 0, 0]] * 3)  # tokens 5, 6 lie in key block 0
-    assert [list(np.asarray(kblocks[0, r, : kcount[0, r, 0]])) for r in range(3)] == [[0], [0, 1], [0, 1, 2]]
+    assert [list(np.asarray(kblocks[0, r, : kcount[0, r, 1]])) for r in range(3)] == [[0], [0, 1], [0, 1, 2]]
 
 
 def test_cuda_lowering_exports_on_cpu(monkeypatch):
