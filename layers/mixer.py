@@ -69,6 +69,8 @@ class LayerContext:
     train:          the training forward pass (routing noise, dropout, buffer updates) vs evaluation.
     rng:            a key for this layer and step (None when the caller gave none).
     layer:          the absolute layer index (a traced int inside the layer scan).
+    step:           the training step (an int32 scalar, traced) in the training forward pass, for schedules
+                    inside the model (Mixture-of-Recursions' capacity warm-up); None elsewhere.
     carry:          values handed from layer to layer along the depth (MoE++'s router logits for its gating
                     residual): a layer reads `ctx.carry[name]` and may assign a new value of the same shape;
                     the skeleton threads them through the scans, starting from the layers' `init_carry`.
@@ -84,6 +86,7 @@ class LayerContext:
     train: bool = False
     rng: jax.Array | None = None
     layer: Any = 0
+    step: jax.Array | None = None
     values: dict = dataclasses.field(default_factory=dict)
     reports: dict = dataclasses.field(default_factory=dict)
     carry: dict = dataclasses.field(default_factory=dict)

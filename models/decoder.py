@@ -303,17 +303,18 @@ class Decoder(nnx.Module):
     def scan_groups(self) -> tuple[ScanGroup, ...]:
         return scan_groups(self.cfg.layer_specs)
 
-    def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, train: bool = False, rng=None):
+    def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, train: bool = False, rng=None, step=None):
         """tokens [B, T] int -> (logits [B, T, V] float32, aux) (the module docstring says what aux holds).
 
         positions_BT default to 0..T-1; pass positions restarting at 0 per packed document together
         with `segment_ids_BT` so a packed document is computed as if it were alone. `rng` (a key) feeds
-        layers that draw random numbers in training; each layer gets its own fold of it.
+        layers that draw random numbers in training; each layer gets its own fold of it. `step` (the training
+        step, from the loop) reaches the layers as `ctx.step`.
         """
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        ctx = LayerContext(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, train=train, rng=rng)
+        ctx = LayerContext(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, train=train, rng=rng, step=step)
         x_BTD, aux = self.run_layers(self.embed_tokens(tokens_BT), ctx)
         return self.logits(x_BTD), aux
 

@@ -32,13 +32,14 @@ class LanguageModel(Protocol):
     cfg: "ModelConfig"
 
     def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, train: bool = False,
-                 rng=None) -> tuple[Any, dict]:
+                 rng=None, step=None) -> tuple[Any, dict]:
         """-> (fp32 logits [B, T, V], aux). aux = {"losses": {name: weighted scalar}, "metrics": {name:
         array}, "state": nnx.State}, each key present only when non-empty (dense: {}). The loop adds the
         losses to the training loss and logs both (names carry a family prefix, "moe/aux_loss"), and
         carries "state" (non-trainable variables updated by this call) to the next step.
         positions restart at 0 per packed document, with segment ids keeping documents apart; `train`
-        and `rng` (a key) serve layers that behave differently in training (routing noise, dropout)."""
+        and `rng` (a key) serve layers that behave differently in training (routing noise, dropout);
+        `step` (the training step, an int32 scalar; None outside training) serves schedules inside the model."""
         ...
 
 

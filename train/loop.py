@@ -75,10 +75,10 @@ def step_rng(state) -> jax.Array:
 def make_train_step(graphdef, tx, lr_schedule, cfg: config_lib.Config):
     n_micro, z_loss = cfg.train.microbatches, cfg.train.z_loss
 
-    def loss_fn(params, other, batch, n_tokens, rng):
+    def loss_fn(params, other, batch, n_tokens, rng, step):
         model = nnx.merge(graphdef, params, other)
         logits, aux = model(batch["tokens"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"],
-                            train=True, rng=rng)
+                            train=True, rng=rng, step=step)
         losses, metrics = model_figures(aux)
         ce, zl = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
         aux_total = sum(losses.values()) if losses else 0.0
@@ -96,7 +96,7 @@ def make_train_step(graphdef, tx, lr_schedule, cfg: config_lib.Config):
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         rng = step_rng(state)
         if n_micro == 1:
-            grads, (stats, other) = grad_fn(state["params"], state["other"], batch, n_tokens, rng)
+            grads, (stats, other) = grad_fn(state["params"], state["other"], batch, n_tokens, rng, state["step"])
         else:
             # Micro-batch m takes rows m, m+M, m+2M, …: every device keeps its share of each micro-batch.
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // n_micro, n_micro, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -104,12 +104,12 @@ def make_train_step(graphdef, tx, lr_schedule, cfg: config_lib.Config):
             def accumulate(carry, xs):
                 grads, stats, other = carry
                 mb, m = xs
-                g, (s, other) = grad_fn(state["params"], other, mb, n_tokens, jax.random.fold_in(rng, m))
+                g, (s, other) = grad_fn(state["params"], other, mb, n_tokens, jax.random.fold_in(rng, m), state["step"])
                 return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, stats, s), other), None
 
             zeros = jax.tree.map(jnp.zeros_like, state["params"])
             stats0 = jax.eval_shape(lambda: grad_fn(state["params"], state["other"], jax.tree.map(lambda x: x[0], micro),
-                                                    n_tokens, rng)[1][0])
+                                                    n_tokens, rng, state["step"])[1][0])
             stats0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats0)
             (grads, stats, other), _ = jax.lax.scan(accumulate, (zeros, stats0, state["other"]), (micro, jnp.arange(n_micro)))
         updates, opt_state = tx.update(grads, state["opt"], state["params"])

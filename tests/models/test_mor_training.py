@@ -37,3 +37,32 @@ def test_smoke_variants_learn_on_the_demo_corpus(tmp_path, monkeypatch, repo, va
         assert np.abs(figures["mor/router_bias"]).max() >= cfg.model.bias_update_rate
     if variant == "smoke-ec":
         assert {"mor/router_bce", "mor/aux_router_bce", "mor/score_mean_layer1"} <= set(figures)
+
+
+
+def test_the_train_step_hands_its_step_to_the_model(monkeypatch):
+    """The capacity warm-up reads the step from ctx.step: the loop must pass state["step"] into the model call.
+    A spy in place of MoR.__call__ records it (traced by eval_shape: nothing compiles)."""
+    from flax import nnx
+
+    from effax.models.mor import MoR
+    from effax.train import optimizer as optimizer_lib
+
+    seen = []
+
+    def spy(self, tokens_BT, *, step=None, **kwargs):
+        seen.append(step)
+        return jax.numpy.zeros((*tokens_BT.shape, self.cfg.vocab_size)) + self.embed[...].sum() + step, {}
+
+    monkeypatch.setattr(MoR, "__call__", spy)
+    cfg = config_lib.resolve(f"{SPEC}:smoke-ec", [*QUIET, "model.vocab_size=256"])
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MoR(cfg.model, rngs=nnx.Rngs(0))))
+    params, other = nnx.split_state(abstract, nnx.Param, ...)
+    tx, schedule = optimizer_lib.build(cfg.optimizer, cfg.train.steps)
+    state = {"params": params, "other": other, "opt": jax.eval_shape(tx.init, params),
+             "step": jax.ShapeDtypeStruct((), np.int32), "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    batch = {k: jax.ShapeDtypeStruct((B, T), np.float32 if k == "loss_mask" else np.int32)
+             for k in ("tokens", "positions", "segment_ids", "targets", "loss_mask", "target_bytes")}
+    jax.eval_shape(loop.make_train_step(graphdef, tx, schedule, cfg), state, batch)
+    assert seen and all(s is not None and s.shape == () and s.dtype == np.int32 for s in seen)
