@@ -22,18 +22,22 @@ Routing (`model.router`), at each recursion over the tokens still active:
                     with BCE against the top-k selection) or sigmoid(s) > router_threshold.
     token_choice    at the first recursion p = softmax(W x) over N_r depths; each token takes depth
                     argmax(p + bias) and g = p[depth]; balance_coef * Switch balance loss + z_loss_coef * z-loss
-                    (layers/moe_routing.py), or the aux-loss-free bias (balance=aux_free).
+                    (layers/moe_routing.py), or the aux-loss-free bias (balance=aux_free). With `capacities`
+                    set, recursion r keeps the top ceil(c_r T) by p[depth] of a row's candidates; the rest stop.
+Capacity warm-up (`capacity_warmup_steps` W): in training (the loop's step, ctx.step) the kept count moves
+linearly from T to ceil(c_r T) over W steps, on T-slot buffers chosen by a lax.cond until step W.
 
 Real savings. A recursion gathers each row's active tokens, in causal order, into a static buffer of
-C_r = ceil(c_r T) slots (expert choice in training) or T slots (causal routing, whose counts are not
-static), runs the shared layers on it with attention among those tokens only (original positions for
-RoPE, packed documents kept apart by their segment ids; empty slots form a document of their own), and
-scatters the results back. `flops_per_token` counts the buffers.
+C_r = ceil(c_r T) slots (under a capacity) or T slots (causal routing, whose counts are not static), runs
+the shared layers on it with attention among those tokens only (original positions for RoPE, packed
+documents kept apart by their segment ids; empty slots form a document of their own), and scatters the
+results back. `flops_per_token` counts the buffers.
 
 KV. Recursion-wise (default): each depth's attention sees the keys of the tokens active at that depth, and
 decoding keeps one cache per (depth, layer), holding only its active tokens (pos = -1 elsewhere). KV
 sharing (`model.kv_sharing`): depths >= 1 compute only queries and attend the first recursion's keys
 and values of every earlier token of the document; decoding keeps the first recursion's caches only.
+A decode step skips (lax.cond) a depth no token of the batch reaches. `model.remat` checkpoints every layer run.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ from effax.layers.masks import Mask
 from effax.layers.mixer import Buffer, LayerContext
 from effax.layers.rope import apply_rope
 from effax.layers.sharding import logical_init
-from effax.models.decoder import Decoder, DecoderConfig, DecodeState, LayerSpec, _combine, _layer_ctx, _merge_reports
+from effax.models.decoder import (REMAT_POLICIES, Decoder, DecoderConfig, DecodeState, LayerSpec, _combine, _layer_ctx,
+                                  _merge_reports)
 from effax.models.registry import ConfigError, register
 
 SHARINGS = ("cycle", "sequence", "middle-cycle", "middle-sequence")
@@ -71,7 +76,9 @@ class MoRConfig(DecoderConfig):
     n_recursions: int = 3  # N_r
     sharing: Literal["cycle", "sequence", "middle-cycle", "middle-sequence"] = "middle-cycle"
     router: Literal["none", "expert_choice", "token_choice"] = "expert_choice"
-    capacities: tuple[float, ...] = ()  # expert choice: fraction of each row kept at recursion r; (): (N_r - r) / N_r
+    capacities: tuple[float, ...] = ()  # fraction of each row kept at recursion r; (): (N_r - r) / N_r for expert
+    #                                     choice, no capacity (dropless) for token choice
+    capacity_warmup_steps: int = 0  # capacities move linearly from 1 to their targets over the first N training steps
     router_gate: Literal["sigmoid", "none"] = "sigmoid"  # "none": g = 1 (selection only, no scaling)
     router_alpha: float = 0.1  # expert choice: g = alpha * sigmoid(score) (official code: 0.1)
     router_bce_coef: float = 1e-3  # expert choice: BCE(score, top-k selection)
@@ -120,9 +127,16 @@ class MoRConfig(DecoderConfig):
         N = self.n_recursions
         return tuple(self.capacities) or tuple((N - r) / N for r in range(N))
 
+    @property
+    def capacity_limited(self) -> bool:
+        """Whether a recursion keeps at most ceil(c_r T) tokens of a row: expert choice always, token choice
+        when `capacities` is set (overflow tokens, by router score, stop there)."""
+        return self.router == "expert_choice" or (self.router == "token_choice" and bool(self.capacities))
+
     def buffer_sizes(self, seq_len: int) -> list[int]:
-        """Tokens per row each recursion computes: C_r for expert choice's top-k, T otherwise."""
-        if self.router == "expert_choice":
+        """Tokens per row each recursion computes after the capacity warm-up: C_r = ceil(c_r T) under a
+        capacity, T otherwise."""
+        if self.capacity_limited:
             return [capacity_tokens(c, seq_len) for c in self.capacity_schedule]
         return [seq_len] * self.n_recursions
 
@@ -173,15 +187,14 @@ class MoRConfig(DecoderConfig):
         if len(specs) != 1 or next(iter(specs)).mixer != "attn" or next(iter(specs)).ffn not in ("swiglu", "none"):
             raise ConfigError(f"model.pattern={self.pattern!r}: Mixture-of-Recursions shares one kind of layer, "
                               f"attn with swiglu or none (e.g. model.pattern=attn)")
-        if self.remat != "none":
-            raise ConfigError(f"model.remat={self.remat!r}: Mixture-of-Recursions runs its own unrolled layer loop, which "
-                              f"has no rematerialisation yet; use model.remat=none")
         caps = self.capacity_schedule
         if len(caps) != N or not all(0 < c <= 1 for c in caps) or any(b > a for a, b in zip(caps, caps[1:])):
             raise ConfigError(f"model.capacities={self.capacities!r} must list {N} non-increasing fractions in (0, 1] "
                               f"(one per recursion), or be empty for (N_r - r) / N_r")
-        if self.kv_sharing and self.router == "expert_choice" and caps[0] != 1:
+        if self.kv_sharing and self.capacity_limited and caps[0] != 1:
             raise ConfigError("model.kv_sharing reuses the first recursion's keys of every token: model.capacities[0] must be 1")
+        if self.capacity_warmup_steps < 0:
+            raise ConfigError(f"model.capacity_warmup_steps must be >= 0, got {self.capacity_warmup_steps}")
         for key in ("router_alpha", "router_bce_coef", "aux_router_coef", "balance_coef", "z_loss_coef", "bias_update_rate"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
@@ -198,6 +211,7 @@ class Route:
     active_BT: jax.Array
     gate_BT: jax.Array | None  # None: x <- block(x) (no router, or router_gate=none)
     buffer: int  # static: slots of the gathered buffer
+    warming: jax.Array | None = None  # traced bool: in the capacity warm-up, whose buffer is T slots
 
 
 @register("mor", MoRConfig)
@@ -224,9 +238,28 @@ class MoR(Decoder):
         graphdef, state = nnx.split(self.blocks[0])
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[u], state)).layers[0]
 
-    def _route(self, x_BTD, r: int, prev_BT, causal: bool, rctx: LayerContext, memo: dict) -> Route:
+    def _keep(self, score_BT, cand_BT, r: int, step) -> tuple[jax.Array, int, jax.Array | None]:
+        """The top ceil(c_r T) candidates of each row by score -> (kept, buffer slots, warming). In the capacity
+        warm-up (`step` < W) the kept count is k = T - floor((T - C_r) step / W), traced: T at step 0, C_r at
+        step W; buffer shapes are static, so the warm-up runs its recursions on T slots (`warming`)."""
+        T = score_BT.shape[1]
+        C, W = capacity_tokens(self.cfg.capacity_schedule[r], T), self.cfg.capacity_warmup_steps
+        masked_BT = jnp.where(cand_BT, score_BT, -jnp.inf)
+        rows_B1 = jnp.arange(score_BT.shape[0])[:, None]
+        _, idx_BC = jax.lax.top_k(masked_BT, C)
+        kept_BT = jnp.zeros(cand_BT.shape, bool).at[rows_B1, idx_BC].set(True) & cand_BT
+        if step is None or not W or C == T:
+            return kept_BT, C, None
+        step = jnp.minimum(jnp.asarray(step, jnp.int32), W)
+        k = T - jnp.floor((T - C) * step.astype(jnp.float32) / W).astype(jnp.int32)
+        _, order_BT = jax.lax.top_k(masked_BT, T)  # best first, ties as top_k breaks them above
+        rank_BT = jnp.zeros(cand_BT.shape, jnp.int32).at[rows_B1, order_BT].set(jnp.arange(T, dtype=jnp.int32))
+        warming = step < W
+        return jnp.where(warming, cand_BT & (rank_BT < k), kept_BT), C, warming
+
+    def _route(self, x_BTD, r: int, prev_BT, causal: bool, rctx: LayerContext, memo: dict, step=None) -> Route:
         cfg = self.cfg
-        B, T = prev_BT.shape
+        T = prev_BT.shape[1]
         if cfg.router == "none":
             return Route(prev_BT, None, T)
         x32 = x_BTD.astype(jnp.float32)
@@ -247,19 +280,24 @@ class MoR(Decoder):
                     if rctx.train:
                         memo["new_bias"] = moe_routing.aux_free_update(self.router_bias[...], load_N, cfg.bias_update_rate)
                 rctx.diagnostic("mor/router_max_prob", jnp.mean(jnp.max(probs_BTN, axis=-1)))
-            return Route(memo["depth_BT"] > r, memo["gate_BT"] if cfg.router_gate == "sigmoid" else None, T)
+            gate_BT = memo["gate_BT"] if cfg.router_gate == "sigmoid" else None
+            cand_BT = prev_BT & (memo["depth_BT"] > r)
+            if causal or not cfg.capacity_limited:  # a capacity compares a row's tokens: not causal
+                return Route(cand_BT, gate_BT, T)
+            # overflow tokens, lowest p_depth first (MoE's batch-priority dropping), stop at this recursion
+            active_BT, buffer, warming = self._keep(memo["gate_BT"], cand_BT, r, step)
+            return Route(active_BT, gate_BT, buffer, warming)
         # expert choice
         score_BT = x32 @ self.router_w[r].astype(jnp.float32)
         aux_BT = jax.nn.gelu(jax.lax.stop_gradient(x32) @ self.aux_w1[r].astype(jnp.float32)) @ self.aux_w2[r].astype(jnp.float32)
+        warming = None
         if causal and cfg.capacity_schedule[r] == 1:  # top-k keeps every token here: so does the causal decision
             active_BT, buffer = prev_BT, T
         elif causal:
             go_BT = aux_BT > 0 if cfg.generation_router == "aux_router" else jax.nn.sigmoid(score_BT) > cfg.router_threshold
             active_BT, buffer = prev_BT & go_BT, T
         else:
-            buffer = capacity_tokens(cfg.capacity_schedule[r], T)
-            _, idx_BC = jax.lax.top_k(jnp.where(prev_BT, score_BT, -jnp.inf), buffer)
-            active_BT = jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], idx_BC].set(True) & prev_BT
+            active_BT, buffer, warming = self._keep(score_BT, prev_BT, r, step)
         target_BT = jax.lax.stop_gradient(active_BT.astype(jnp.float32))
         n_prev = jnp.maximum(jnp.sum(prev_BT), 1)
         bce = lambda logit: jnp.sum(jnp.where(prev_BT, jax.nn.softplus(logit) - target_BT * logit, 0.0)) / n_prev  # noqa: E731
@@ -272,7 +310,7 @@ class MoR(Decoder):
                         reduce="per_layer")
         rctx.diagnostic("mor/aux_router_acc", jnp.sum(jnp.where(prev_BT, (aux_BT > 0) == active_BT, False)) / n_prev,
                         reduce="per_layer")
-        return Route(active_BT, cfg.router_alpha * prob_BT if cfg.router_gate == "sigmoid" else None, buffer)
+        return Route(active_BT, cfg.router_alpha * prob_BT if cfg.router_gate == "sigmoid" else None, buffer, warming)
 
     def _attend_shared(self, block, h_BCD, pos_BC, seg_BC, kv, ctx):
         """A layer whose attention reads the first recursion's keys/values (kv sharing): only q is
@@ -302,33 +340,53 @@ class MoR(Decoder):
         return block._ffn(h_BCD + out, ctx), (k, v)
 
     # -- training / evaluation forward --------------------------------------------------------------------
-    def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, train: bool = False, rng=None,
+    def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None, train: bool = False, rng=None, step=None,
                  causal_routing: bool = False, kv_delta=None, return_routing: bool = False):
-        """As Decoder.__call__. causal_routing: expert choice decides per token as in generation (the aux
-        router or the threshold) instead of top-k over the row. kv_delta {j: (dk_BTKP, dv_BTKP)}: added to
-        the first-recursion keys/values that depths >= 1 read under kv sharing (tests). return_routing: aux
-        also holds "routing": per recursion (active_BT, hidden state before it, hidden state after it)."""
+        """As Decoder.__call__ (`step`: the training step, for the capacity warm-up). causal_routing: expert
+        choice decides per token as in generation (the aux router or the threshold) instead of top-k over the
+        row, token choice drops no tokens. kv_delta {j: (dk_BTKP, dv_BTKP)}: added to the first-recursion
+        keys/values that depths >= 1 read under kv sharing (tests). return_routing: aux also holds
+        "routing": per recursion (active_BT, hidden state before it, hidden state after it)."""
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        ctx = LayerContext(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, train=train, rng=rng)
+        ctx = LayerContext(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, train=train, rng=rng, step=step)
         x_BTD, aux = self.run_layers(self.embed_tokens(tokens_BT), ctx, causal=causal_routing, kv_delta=kv_delta,
                                      return_routing=return_routing)
         return self.logits(x_BTD), aux
+
+    def _apply(self, u: int, fn, x, lctx: LayerContext):
+        """fn(block, x, lctx) with unique layer u as the block. Under `model.remat` the call is a jax.checkpoint
+        with the skeleton's policy (models/decoder.py), so its activations are recomputed in the backward
+        pass; what the layer reports leaves the checkpoint as outputs (a tracer kept in lctx would leak)."""
+        block = self.layer(u)
+        if self.cfg.remat == "none":
+            return fn(block, x, lctx)
+        graphdef, state = nnx.split(block)
+
+        def pure(state, x):
+            inner = dataclasses.replace(lctx, values={}, reports={})
+            out = fn(nnx.merge(graphdef, state), x, inner)
+            lctx.reports.update(inner.reports)  # static descriptions, not arrays
+            return out, inner.values
+
+        out, values = jax.checkpoint(pure, policy=REMAT_POLICIES[self.cfg.remat])(state, x)
+        lctx.values.update(values)
+        return out
 
     def run_layers(self, x_BTD, ctx: LayerContext, *, causal: bool = False, kv_delta=None, return_routing=False):
         cfg = self.cfg
         B, T = x_BTD.shape[:2]
         reports, reported = {}, {}
 
-        def collect(c: LayerContext, index):
+        def collect(c: LayerContext, index, values=None):
             _merge_reports(reports, c.reports)
-            for name, value in c.values.items():
+            for name, value in (c.values if values is None else values).items():
                 reported.setdefault(name, []).append((index, value))
 
         def run(u, x, l, c=ctx):
             lctx = _layer_ctx(c, l)
-            x = self.layer(u)(x, lctx)
+            x = self._apply(u, lambda block, x, lc: block(x, lc), x, lctx)
             collect(lctx, l)
             return x
 
@@ -341,41 +399,55 @@ class MoR(Decoder):
         for r in range(cfg.n_recursions):
             x_in_BTD = x_BTD
             rctx = LayerContext(positions_BT=ctx.positions_BT, train=ctx.train, layer=r)
-            route = self._route(x_BTD, r, prev_BT, causal, rctx, memo)
+            route = self._route(x_BTD, r, prev_BT, causal, rctx, memo, ctx.step)
             collect(rctx, r)
-            active_BT, C = route.active_BT, route.buffer
+            active_BT = route.active_BT
             depth_BT += active_BT
-            if cfg.router == "none":  # every token: no gather
-                idx_BC = jnp.broadcast_to(jnp.arange(T), (B, T))
-                take = lambda a: a  # noqa: E731
-            else:  # the active tokens first, in causal order; C >= their count
-                _, idx_BC = jax.lax.top_k(-jnp.where(active_BT, jnp.arange(T), T + jnp.arange(T)), C)
-                take = lambda a: jnp.take_along_axis(a, idx_BC.reshape(B, C, *([1] * (a.ndim - 2))), axis=1)  # noqa: E731
-            valid_BC = take(active_BT)
-            x_BCD, pos_BC = take(x_BTD), take(ctx.positions_BT)
-            seg_BC = jnp.where(valid_BC, take(seg_BT), _PAD_SEGMENT)
-            gctx = dataclasses.replace(ctx, positions_BT=pos_BC, segment_ids_BT=seg_BC)
-            h_BCD = x_BCD
-            for j in range(cfg.block_layers):
-                l = cfg.middle + r * cfg.block_layers + j
-                block, lctx = self.layer(cfg.unique_index(r, j)), _layer_ctx(gctx, l)
-                if cfg.kv_sharing and r > 0:
-                    h_BCD = self._attend_shared(block, h_BCD, pos_BC, seg_BC, shared_kv[j], lctx)
-                elif cfg.kv_sharing:
-                    h_BCD, (k, v) = self._self_block(block, h_BCD, lctx)
-                    # back to token order (C = T here: capacities[0] = 1)
-                    k, v = (jnp.zeros((B, T, *a.shape[2:]), a.dtype).at[rows_B1, idx_BC].set(a) for a in (k, v))
-                    if kv_delta is not None:
-                        k, v = k + kv_delta[j][0], v + kv_delta[j][1]
-                    shared_kv[j] = (k, v, ctx.positions_BT, seg_BT)
-                else:
-                    h_BCD = block(h_BCD, lctx)
-                collect(lctx, l)
-            out_BCD = h_BCD if route.gate_BT is None else x_BCD + (take(route.gate_BT)[..., None] * (h_BCD - x_BCD)).astype(x_BCD.dtype)
-            if cfg.router == "none":
-                x_BTD = out_BCD
-            else:
-                x_BTD = x_BTD.at[rows_B1, idx_BC].set(jnp.where(valid_BC[..., None], out_BCD, x_BCD))
+
+            def recursion(x_BTD, C, r=r, route=route):
+                """The shared layers on a buffer of C slots -> (x_BTD, {layer: what it reported})."""
+                if cfg.router == "none":  # every token: no gather
+                    idx_BC = jnp.broadcast_to(jnp.arange(T), (B, T))
+                    take = lambda a: a  # noqa: E731
+                else:  # the active tokens first, in causal order; C >= their count
+                    _, idx_BC = jax.lax.top_k(-jnp.where(route.active_BT, jnp.arange(T), T + jnp.arange(T)), C)
+                    take = lambda a: jnp.take_along_axis(a, idx_BC.reshape(B, C, *([1] * (a.ndim - 2))), axis=1)  # noqa: E731
+                valid_BC = take(route.active_BT)
+                x_BCD, pos_BC = take(x_BTD), take(ctx.positions_BT)
+                seg_BC = jnp.where(valid_BC, take(seg_BT), _PAD_SEGMENT)
+                gctx = dataclasses.replace(ctx, positions_BT=pos_BC, segment_ids_BT=seg_BC)
+                h_BCD, values = x_BCD, {}
+                for j in range(cfg.block_layers):
+                    l = cfg.middle + r * cfg.block_layers + j
+                    u, lctx = cfg.unique_index(r, j), _layer_ctx(gctx, l)
+                    if cfg.kv_sharing and r > 0:
+                        attend = lambda b, h, lc, kv=shared_kv[j]: self._attend_shared(b, h, pos_BC, seg_BC, kv, lc)  # noqa: E731
+                        h_BCD = self._apply(u, attend, h_BCD, lctx)
+                    elif cfg.kv_sharing:
+                        h_BCD, (k, v) = self._apply(u, self._self_block, h_BCD, lctx)
+                        # back to token order (C = T here: capacities[0] = 1)
+                        k, v = (jnp.zeros((B, T, *a.shape[2:]), a.dtype).at[rows_B1, idx_BC].set(a) for a in (k, v))
+                        if kv_delta is not None:
+                            k, v = k + kv_delta[j][0], v + kv_delta[j][1]
+                        shared_kv[j] = (k, v, ctx.positions_BT, seg_BT)
+                    else:
+                        h_BCD = self._apply(u, lambda b, h, lc: b(h, lc), h_BCD, lctx)
+                    _merge_reports(reports, lctx.reports)
+                    values[l] = lctx.values
+                out_BCD = h_BCD if route.gate_BT is None else \
+                    x_BCD + (take(route.gate_BT)[..., None] * (h_BCD - x_BCD)).astype(x_BCD.dtype)
+                if cfg.router == "none":
+                    return out_BCD, values
+                return x_BTD.at[rows_B1, idx_BC].set(jnp.where(valid_BC[..., None], out_BCD, x_BCD)), values
+
+            if route.warming is None:
+                x_BTD, values = recursion(x_BTD, route.buffer)
+            else:  # warm-up: every slot may be needed; after it, the C_r-slot buffer (only one branch runs)
+                assert not (cfg.kv_sharing and r == 0), "kv sharing keeps every token at the first recursion"
+                x_BTD, values = jax.lax.cond(route.warming, lambda x: recursion(x, T), lambda x: recursion(x, route.buffer),
+                                             x_BTD)
+            for l, v in values.items():
+                collect(LayerContext(positions_BT=ctx.positions_BT), l, v)
             prev_BT = active_BT
             if return_routing:
                 routing.append((active_BT, x_in_BTD, x_BTD))
@@ -412,44 +484,58 @@ class MoR(Decoder):
         return DecodeState(tuple(stacked for _ in self._cache_layout()), jnp.zeros((batch,), jnp.int32))
 
     def _run_cached(self, x_BTD, ctx: LayerContext, cache: DecodeState, *, prefill: bool):
-        """Every token computed, masked: a layer writes the keys of the tokens active at its depth only
-        (pos -1 elsewhere) and attends the slots of its cache; inactive tokens' outputs are dropped.
-        Routing is causal (per token)."""
+        """Every token of the batch computed at a depth, masked: a layer writes the keys of the tokens active at
+        its depth only (pos -1 elsewhere) and attends the slots of its cache; inactive tokens' outputs are
+        dropped. A depth that no token of the batch reaches is skipped (`lax.cond`: only the branch taken
+        runs), which is where per-token depth saves decode time. Routing is causal (per token)."""
         cfg = self.cfg
         states = list(cache.layers)
         slot = {key: n for n, key in enumerate(self._cache_layout())}
 
-        def cached(u, h, valid_BT, n, write=True, layer=0):
+        def cached(u, h, valid_BT, st, write=True, layer=0):
+            """-> (h, st): one layer on every token, its KV state st written for valid tokens if `write`."""
             block = self.layer(u)
             lctx = dataclasses.replace(_layer_ctx(ctx, layer), valid_BT=valid_BT)
             q, k, v = block.mixer.qkv(block.mixer_norm(h), ctx.positions_BT)
-            st = states[n]
             if write:
                 st = st.write_prompt(0, k, v, valid_BT, ctx.lengths_B) if prefill else \
                     st.write_tokens(0, k, v, ctx.positions_BT, valid_BT)
-                states[n] = st
             out = cache_attention(q, st.k[0], st.v[0], q_positions_BT=ctx.positions_BT, mask=Mask(), slot_positions_BS=st.pos[0])
-            return block._ffn(h + block.mixer.project_out(out), lctx)
+            return block._ffn(h + block.mixer.project_out(out), lctx), st
 
         valid_BT = ctx.valid_BT
         if cfg.middle:
-            x_BTD = cached(0, x_BTD, valid_BT, slot[("first", 0, 0)])
+            n = slot[("first", 0, 0)]
+            x_BTD, states[n] = cached(0, x_BTD, valid_BT, states[n])
         prev_BT, memo = valid_BT, {}
         for r in range(cfg.n_recursions):
             rctx = LayerContext(positions_BT=ctx.positions_BT, layer=r)
             route = self._route(x_BTD, r, prev_BT, True, rctx, memo)
             active_BT = route.active_BT & valid_BT
-            h_BTD = x_BTD
-            for j in range(cfg.block_layers):
-                shared = cfg.kv_sharing and r > 0
-                n = slot[("rec", 0 if cfg.kv_sharing else r, j)]
-                h_BTD = cached(cfg.unique_index(r, j), h_BTD, active_BT, n, write=not shared,
-                               layer=cfg.middle + r * cfg.block_layers + j)
-            out_BTD = h_BTD if route.gate_BT is None else x_BTD + (route.gate_BT[..., None] * (h_BTD - x_BTD)).astype(x_BTD.dtype)
-            x_BTD = jnp.where(active_BT[..., None], out_BTD, x_BTD)
+            ns = [slot[("rec", 0 if cfg.kv_sharing else r, j)] for j in range(cfg.block_layers)]
+
+            def depth(x_BTD, sts, r=r, route=route, active_BT=active_BT):
+                h_BTD, out = x_BTD, []
+                for j, st in enumerate(sts):
+                    h_BTD, st = cached(cfg.unique_index(r, j), h_BTD, active_BT, st, write=not (cfg.kv_sharing and r > 0),
+                                       layer=cfg.middle + r * cfg.block_layers + j)
+                    out.append(st)
+                out_BTD = h_BTD if route.gate_BT is None else \
+                    x_BTD + (route.gate_BT[..., None] * (h_BTD - x_BTD)).astype(x_BTD.dtype)
+                return jnp.where(active_BT[..., None], out_BTD, x_BTD), tuple(out)
+
+            sts = tuple(states[n] for n in ns)
+            always = cfg.router == "none" or (r == 0 and (cfg.router == "token_choice" or cfg.capacity_schedule[0] == 1))
+            if always:  # every valid token runs this depth
+                x_BTD, sts = depth(x_BTD, sts)
+            else:
+                x_BTD, sts = jax.lax.cond(jnp.any(active_BT), depth, lambda x, s: (x, s), x_BTD, sts)
+            for n, st in zip(ns, sts):
+                states[n] = st
             prev_BT = active_BT
         if cfg.middle:
-            x_BTD = cached(cfg.unique_layers - 1, x_BTD, valid_BT, slot[("last", 0, 0)])
+            n = slot[("last", 0, 0)]
+            x_BTD, states[n] = cached(cfg.unique_layers - 1, x_BTD, valid_BT, states[n])
         return x_BTD, dataclasses.replace(cache, layers=tuple(states))
 
 

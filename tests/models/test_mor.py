@@ -133,9 +133,10 @@ def test_expert_choice_keeps_ceil_capacity_tokens_nested():
     np.testing.assert_allclose(aux["metrics"]["mor/depth_frac"], [0, 1 / 3, 1 / 3, 1 / 3], atol=1e-6)
 
 
-def _masked_recursion(mor, r, x_BTD, active_BT):
+def _masked_recursion(mor, r, x_BTD, active_BT, gate_BT=None):
     """The reference: every token through the shared layers, attention restricted to active keys of the
-    same document (causal), outputs kept only for active tokens, x + g (f(x) - x) with g = 0.1 sigmoid(w.x)."""
+    same document (causal), outputs kept only for active tokens, x + g (f(x) - x) with g = 0.1 sigmoid(w.x)
+    (expert choice) or the given gate."""
     cfg, h = mor.cfg, x_BTD
     same_doc = (SEGMENTS[:, :, None] == SEGMENTS[:, None, :]) & (np.arange(T)[None, :, None] >= np.arange(T)[None, None, :])
     allowed_BTS = (same_doc & np.asarray(active_BT)[:, None, :]) | np.eye(T, dtype=bool)  # itself: no empty rows
@@ -147,7 +148,7 @@ def _masked_recursion(mor, r, x_BTD, active_BT):
         probs = jax.nn.softmax(jnp.where(allowed_BTS[:, None], logits, -jnp.inf), axis=-1)
         h = h + block.mixer.project_out(jnp.einsum("bhts,bshp->bthp", probs, v))
         h = h + block.mlp(block.mlp_norm(h), LayerContext(positions_BT=jnp.asarray(POSITIONS)))
-    g = 0.1 * jax.nn.sigmoid(x_BTD @ mor.router_w[r])
+    g = 0.1 * jax.nn.sigmoid(x_BTD @ mor.router_w[r]) if gate_BT is None else gate_BT
     return jnp.where(active_BT[..., None], x_BTD + g[..., None] * (h - x_BTD), x_BTD)
 
 
@@ -158,21 +159,51 @@ def test_gathered_path_equals_a_masked_reference_that_computes_every_token():
         np.testing.assert_allclose(x_out, _masked_recursion(mor, r, x_in, active), **TOL, err_msg=f"recursion {r}")
 
 
+def _loss(graphdef, state, tokens):
+    logits, aux = nnx.merge(graphdef, state)(tokens, train=True)
+    ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], axis=-1))
+    return ce + sum(aux["losses"].values())
+
+
+@functools.cache
+def router_grads(router, remat="none"):
+    """Gradients w.r.t. the routers only (a smaller backward pass to compile) of 2 recursions of 1 layer; the
+    parameters are the same whatever `remat` (the graph of a model built with that policy)."""
+    state = nnx.state(model(router=router, n_layers=2, n_recursions=2, sharing="cycle"))
+    graphdef = nnx.graphdef(model(router=router, n_layers=2, n_recursions=2, sharing="cycle", remat=remat))
+    names = ("router_w", "aux_w1") if router == "expert_choice" else ("router_w",)
+    routers = {n: state[n] for n in names}
+    loss = lambda routers, tokens: _loss(graphdef, nnx.merge_state(state, nnx.State(routers)), tokens)  # noqa: E731
+    return compiled(jax.grad(loss), routers, TOKENS)(routers, TOKENS)
+
+
 def test_gradients_reach_the_router():
     for router in ("expert_choice", "token_choice"):  # 2 recursions of 1 layer: the backward pass compiles slowly
-        mor = model(router=router, n_layers=2, n_recursions=2, sharing="cycle")
-        graphdef, state = nnx.split(mor)
-        names = ("router_w", "aux_w1") if router == "expert_choice" else ("router_w",)
+        for n, g in router_grads(router).items():
+            assert float(jnp.sum(jnp.abs(g[...]))) > 0, (router, n)
 
-        def loss(routers, tokens):  # gradients w.r.t. the routers only: a smaller backward pass to compile
-            logits, aux = nnx.merge(graphdef, nnx.merge_state(state, nnx.State(routers)))(tokens, train=True)
-            ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], axis=-1))
-            return ce + sum(aux["losses"].values())
 
-        routers = {n: state[n] for n in names}
-        grads = compiled(jax.grad(loss), routers, TOKENS)(routers, TOKENS)
-        for n in names:
-            assert float(jnp.sum(jnp.abs(grads[n][...]))) > 0, (router, n)
+def test_remat_recomputes_the_layers_and_keeps_the_gradients():
+    """model.remat wraps each layer in jax.checkpoint (the forward jaxpr holds one per layer run: 2 recursions
+    of 1 layer); the routers' gradients, which flow back through every layer, are unchanged. Recomputation
+    runs the same fp32 ops; XLA may fuse them differently (last-bit differences): the dense remat test's
+    tolerance."""
+    graphdef = nnx.graphdef(model(n_layers=2, n_recursions=2, sharing="cycle", remat="full"))
+    state = nnx.state(model(n_layers=2, n_recursions=2, sharing="cycle"))
+    eqns = jax.make_jaxpr(lambda s: _loss(graphdef, s, TOKENS))(state).jaxpr.eqns
+    assert sum("prevent_cse" in e.params for e in eqns) == 2  # jax.checkpoint's equations (named remat2 in jax 0.10)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                 router_grads("expert_choice"), router_grads("expert_choice", "full"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_policies_give_the_same_gradients_of_every_parameter(remat):
+    fields = dict(**MIDDLE, kv_sharing=True)  # first and last layers, a KV-shared depth
+    state = nnx.state(model(**fields))
+    grads = lambda graphdef: compiled(jax.grad(lambda s, t: _loss(graphdef, s, t)), state, TOKENS)(state, TOKENS)  # noqa: E731
+    want, got = grads(nnx.graphdef(model(**fields))), grads(nnx.graphdef(model(**fields, remat=remat)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), want, got)
 
 
 # --- generation ---------------------------------------------------------------------------------------
@@ -250,3 +281,103 @@ def test_kv_sharing_reuses_the_first_recursions_keys_and_values():
             assert change.max() == 0
         else:
             assert (change[np.asarray(active)] > 1e-4).all(), f"depth {r + 1}"
+
+
+# --- capacity warm-up, token choice with a capacity ---------------------------------------------------
+
+WARMUP = 4
+
+
+@functools.cache
+def warmup_forward():
+    """The default expert-choice model with a capacity warm-up over WARMUP steps, (step, tokens) -> (logits, aux)."""
+    graphdef, state = nnx.split(model(capacity_warmup_steps=WARMUP))
+
+    def fn(state, tokens, step):
+        return nnx.merge(graphdef, state)(tokens, positions_BT=POSITIONS, segment_ids_BT=SEGMENTS, train=True, step=step,
+                                          return_routing=True)
+
+    f = compiled(fn, state, TOKENS, np.int32(0))
+    return lambda step: f(state, TOKENS, np.int32(step))
+
+
+def _kept_is_top_scored(kept, candidates, score, err):
+    """Every kept token outscores every candidate left out (ties have probability 0 in fp32 here)."""
+    for b in range(B):
+        k, c = kept[b], candidates[b]
+        assert not (k & ~c).any(), err
+        if (c & ~k).any() and k.any():
+            assert score[b][k].min() > score[b][c & ~k].max(), err
+
+
+def test_capacity_warmup_starts_at_one_and_ends_at_the_capacities():
+    """Step 0 keeps every token; step 2 of 4 keeps T - floor((T - C_r) 2 / 4) of each row, the top-scored of the
+    previous depth's, computed on a T-slot buffer (= the masked reference); from step 4 on it is the model
+    without warm-up (ceil(c T) tokens, same logits)."""
+    mor = model(capacity_warmup_steps=WARMUP)
+    for step, counts in ((0, (24, 24, 24)), (2, (24, 20, 16)), (WARMUP, (24, 16, 8)), (1000, (24, 16, 8))):
+        logits, aux = warmup_forward()(step)
+        prev = np.ones((B, T), bool)
+        for r, ((active, x_in, x_out), n) in enumerate(zip(aux["routing"], counts)):
+            active = np.asarray(active)
+            assert (active.sum(axis=1) == n).all(), (step, r)
+            _kept_is_top_scored(active, prev, np.asarray(x_in @ mor.router_w[r]), f"step {step} recursion {r}")
+            if step == 2 and r == 1:  # 20 tokens, more than the 16 slots after warm-up: all of them computed
+                np.testing.assert_allclose(x_out, _masked_recursion(mor, r, x_in, active), **TOL, err_msg=f"recursion {r}")
+            prev = active
+        if step >= WARMUP:
+            want_logits, want = forward()()
+            for (a, _, x), (wa, _, wx) in zip(aux["routing"], want["routing"]):
+                np.testing.assert_array_equal(a, wa)
+                np.testing.assert_allclose(x, wx, **TOL)
+            np.testing.assert_allclose(logits, want_logits, **TOL)
+
+
+TC_CAP = dict(router="token_choice", capacities=(1.0, 0.5, 0.25))
+
+
+def test_token_choice_with_a_capacity_drops_the_lowest_scored_overflow():
+    """Recursion r computes a buffer of ceil(c_r T) slots; it keeps the top-p_depth tokens among those still
+    active that chose a depth > r (a dropped token stops), and equals the masked reference."""
+    mor = model(**TC_CAP)
+    assert mor.cfg.buffer_sizes(T) == [24, 12, 6]
+    graphdef, state = nnx.split(mor)
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(TOKENS, positions_BT=POSITIONS, segment_ids_BT=SEGMENTS))(state))
+    assert "f32[2,12,32]" in jaxpr and "f32[2,6,32]" in jaxpr  # the recursions' gathered buffers
+    _, aux = forward(**TC_CAP)()
+    probs = np.asarray(jax.nn.softmax(aux["routing"][0][1] @ mor.router_w[...], axis=-1))
+    choice, gate = probs.argmax(-1) + 1, probs.max(-1)
+    prev, dropped = np.ones((B, T), bool), 0
+    for r, ((active, x_in, x_out), C) in enumerate(zip(aux["routing"], (24, 12, 6))):
+        active, candidates = np.asarray(active), prev & (choice > r)
+        assert (active.sum(axis=1) == np.minimum(candidates.sum(axis=1), C)).all(), r
+        _kept_is_top_scored(active, candidates, gate, f"recursion {r}")
+        dropped += (candidates & ~active).sum()
+        np.testing.assert_allclose(x_out, _masked_recursion(mor, r, x_in, active, gate), **TOL, err_msg=f"recursion {r}")
+        prev = active
+    assert dropped > 0  # the capacity really bound
+
+
+def test_decoding_skips_a_depth_no_row_reaches(monkeypatch):
+    """A decode step runs a depth only if some row's token is active there (a lax.cond, so only the branch taken
+    runs): counted by a callback in each layer's cache attention, with the auxiliary router of depths >= 2
+    switched off (no token continues) and as trained (the same compiled step runs depth 2 for some row)."""
+    _, _, cache, _ = generation(**EC_KV)  # 12 and 17 of 18 slots used: one more step fits
+    mor = model(**EC_KV)
+    graphdef, state = nnx.split(mor)
+    calls = []
+
+    def counted(q, *args, **kwargs):
+        jax.debug.callback(lambda: calls.append(1))
+        return cache_attention(q, *args, **kwargs)
+
+    from effax.models import mor as mor_lib
+    cache_attention = mor_lib.cache_attention
+    monkeypatch.setattr(mor_lib, "cache_attention", counted)
+    decode = compiled(lambda s, t, c: nnx.merge(graphdef, s).decode_step(t, c), state, TOKENS[:, 0], cache)
+    off = nnx.merge_state(state, nnx.State({"aux_w1": state["aux_w1"].replace(value=state["aux_w1"][...].at[1:].set(0.0))}))
+    for s, least, most in ((off, 1, 1), (state, 2, 3)):  # aux logit 0 at depths >= 2: no token continues there
+        calls.clear()
+        jax.block_until_ready(decode(s, TOKENS[:, 0], cache))
+        jax.effects_barrier()
+        assert least <= len(calls) <= most
