@@ -193,21 +193,23 @@ def test_anchor_blocks_join_the_lists():
 
 def test_cuda_lowering_exports_on_cpu(monkeypatch):
     """Forward and backward lower to Triton for CUDA (block shapes that cannot compile fail here), through the
-    layer's path: packed documents with anchor blocks (the run-time lists) and a strided block-sparse mask,
-    T = 200 (blocks of 64, padded), bf16. (On CPU the op picks interpret mode; the export wants the GPU lowering, so it is switched off.)"""
+    layer's path, T = 200 (blocks of 64, padded), bf16: packed documents with anchor blocks (the run-time
+    lists), and a strided block-sparse mask (static lists with fully visible blocks: the lax.cond). On CPU
+    the op would pick interpret mode; the export wants the GPU lowering, so it is switched off."""
     monkeypatch.setattr(ops, "flash_attention", functools.partial(ops.flash_attention, interpret=False))
     B, T, H, K, dtype = 1, 200, 4, 2, jnp.bfloat16
     mask = lambda seg: Mask(window=100, sinks=4, segment_ids_BT=seg)  # noqa: E731
-    loss = lambda q, k, v, seg: jnp.sum(attention(q, k, v, mask=mask(seg), impl="pallas").astype(jnp.float32))  # noqa: E731
+    sparse = Mask(block_sparse=BlockSparse(64, 2, 1, 3))
+    loss = lambda q, k, v, seg: jnp.sum((attention(q, k, v, mask=mask(seg), impl="pallas")  # noqa: E731
+                                         + attention(q, k, v, mask=sparse, impl="pallas")).astype(jnp.float32))
     args = [jax.ShapeDtypeStruct(s, dtype) for s in ((B, T, H, P), (B, T, K, P), (B, T, K, P))]
     args.append(jax.ShapeDtypeStruct((B, T), jnp.int32))
     safety = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     export = lambda f: jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=safety)(*args).mlir_module()  # noqa: E731
     module = export(jax.grad(loss, argnums=(0, 1, 2)))
-    assert all(f'name = "flash_attention_{n}"' in module for n in ("fwd", "dq", "dkdv"))
+    assert all(module.count(f'name = "flash_attention_{n}"') == 2 for n in ("fwd", "dq", "dkdv"))
     assert "__gpu$xla.gpu.triton" in module  # Triton, not Mosaic GPU
-    # the forward alone (no residuals, no backward kernels), a block-sparse mask with strides (static lists)
-    sparse = Mask(block_sparse=BlockSparse(64, 2, 1, 3))
+    # the forward alone: no backward kernels
     module = export(lambda q, k, v, seg: attention(q, k, v, mask=sparse, impl="pallas"))
     assert 'name = "flash_attention_fwd"' in module and "flash_attention_dq" not in module
 
