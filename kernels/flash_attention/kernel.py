@@ -112,7 +112,7 @@ def _iota(n, start):
 
 def _tokens(cfg: Config, refs):
     """(q_off, k_off, q_seg, k_seg refs, the remaining refs): the token refs are passed only for packed rows
-    (fewer operands: less to slice per grid step in interpret mode)."""
+    (rows of one document use token indices)."""
     return (refs[:4], refs[4:]) if cfg.packed else ((None,) * 4, refs)
 
 
@@ -124,6 +124,7 @@ def _forward_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Co
     precision = _precision(q.dtype)
     qi = _iota(bq, i * bq)
     q_off, q_seg = (qoff_ref[...], qseg_ref[...]) if cfg.packed else (None, None)
+    n_full = kcount_ref[0]  # the list's first n_full blocks are fully visible
 
     def body(n, carry):
         m, l, acc = carry
@@ -132,7 +133,7 @@ def _forward_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Co
         v = v_ref[pl.ds(start, bk), :]
         k_off, k_seg = (koff_ref[pl.ds(start, bk)], kseg_ref[pl.ds(start, bk)]) if cfg.packed else (None, None)
         seen = lambda: _seen(cfg, qi, _iota(bk, start), q_off, k_off, q_seg, k_seg)  # noqa: E731
-        s = _masked(cfg, n < kcount_ref[0], _dot(q, k, 1, 1, precision) * cfg.scale, seen, -jnp.inf)
+        s = _masked(cfg, n < n_full, _dot(q, k, 1, 1, precision) * cfg.scale, seen, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # nothing seen yet: keep exp() finite
         p = jnp.exp(s - m_safe[:, None])
@@ -158,6 +159,7 @@ def _dq_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Config)
     lse, delta = lse_ref[...], delta_ref[...]
     qi = _iota(bq, i * bq)
     q_off, q_seg = (qoff_ref[...], qseg_ref[...]) if cfg.packed else (None, None)
+    n_full = kcount_ref[0]
 
     def body(n, dq):
         start = pl.multiple_of(kblocks_ref[n] * bk, bk)
@@ -165,7 +167,7 @@ def _dq_kernel(kblocks_ref, kcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Config)
         v = v_ref[pl.ds(start, bk), :]
         k_off, k_seg = (koff_ref[pl.ds(start, bk)], kseg_ref[pl.ds(start, bk)]) if cfg.packed else (None, None)
         seen = lambda: _seen(cfg, qi, _iota(bk, start), q_off, k_off, q_seg, k_seg)  # noqa: E731
-        p = _masked(cfg, n < kcount_ref[0], jnp.exp(_dot(q, k, 1, 1, precision) * cfg.scale - lse[:, None]), seen, 0.0)
+        p = _masked(cfg, n < n_full, jnp.exp(_dot(q, k, 1, 1, precision) * cfg.scale - lse[:, None]), seen, 0.0)
         ds = p * (_dot(do, v, 1, 1, precision) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, 1, 0, precision)
 
@@ -181,6 +183,7 @@ def _dkdv_kernel(qblocks_ref, qcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Confi
     precision = _precision(k.dtype)
     ki = _iota(bk, j * bk)
     k_off, k_seg = (koff_ref[...], kseg_ref[...]) if cfg.packed else (None, None)
+    n_full = qcount_ref[0]
 
     def body(n, carry):
         dk, dv = carry
@@ -191,7 +194,7 @@ def _dkdv_kernel(qblocks_ref, qcount_ref, q_ref, k_ref, v_ref, *refs, cfg: Confi
         delta = delta_ref[pl.ds(start, bq)]
         q_off, q_seg = (qoff_ref[pl.ds(start, bq)], qseg_ref[pl.ds(start, bq)]) if cfg.packed else (None, None)
         seen = lambda: _seen(cfg, _iota(bq, start), ki, q_off, k_off, q_seg, k_seg)  # noqa: E731
-        p = _masked(cfg, n < qcount_ref[0], jnp.exp(_dot(q, k, 1, 1, precision) * cfg.scale - lse[:, None]), seen, 0.0)
+        p = _masked(cfg, n < n_full, jnp.exp(_dot(q, k, 1, 1, precision) * cfg.scale - lse[:, None]), seen, 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, 0, 0, precision)
         ds = p * (_dot(do, v, 1, 1, precision) - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype), q, 0, 0, precision)
