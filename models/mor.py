@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from effax.layers import moe_routing
-from effax.layers.attention import cache_attention
+from effax.layers.attention import attention, cache_attention, choose_impl
 from effax.layers.masks import Mask
 from effax.layers.mixer import Buffer, LayerContext
 from effax.layers.rope import apply_rope
@@ -312,15 +312,26 @@ class MoR(Decoder):
                         reduce="per_layer")
         return Route(active_BT, cfg.router_alpha * prob_BT if cfg.router_gate == "sigmoid" else None, buffer, warming)
 
-    def _attend_shared(self, block, h_BCD, pos_BC, seg_BC, kv, ctx):
+    def _attend_shared(self, block, h_BCD, pos_BC, seg_BC, idx_BC, kv, ctx):
         """A layer whose attention reads the first recursion's keys/values (kv sharing): only q is
-        projected; query (pos q, doc s) sees key (pos p, doc s') iff s == s' and p <= q."""
+        projected; query (pos q, doc s) sees key (pos p, doc s') iff s == s' and p <= q. `model.attention_impl`
+        other than the masked einsum: the queries go back to their tokens' slots of the row (zeros elsewhere,
+        outputs dropped) and the skeleton's `attention` runs causal attention with the documents' segment ids
+        over the row, which is the same rule (a row is in causal order), at T x T instead of C x T scores."""
         mixer, dt = block.mixer, jnp.dtype(self.cfg.dtype)
         hn = block.mixer_norm(h_BCD).astype(dt)
         q_BCHP = apply_rope(jnp.einsum("btd,dhk->bthk", hn, mixer.q[...].astype(dt)), pos_BC, theta=mixer.rope_theta)
         k_BTKP, v_BTKP, kpos_BT, kseg_BT = kv
         B, C, H, P = q_BCHP.shape
-        K = k_BTKP.shape[2]
+        K, T = k_BTKP.shape[2], k_BTKP.shape[1]
+        mask = Mask(segment_ids_BT=kseg_BT)
+        q_BTHP = jnp.zeros((B, T, H, P), q_BCHP.dtype).at[jnp.arange(B)[:, None], idx_BC].set(q_BCHP)
+        impl = choose_impl(q_BTHP, mask) if mixer.impl == "auto" else mixer.impl
+        if impl != "xla":
+            out_BTHP = attention(q_BTHP, k_BTKP, v_BTKP, mask=mask, impl=impl)
+            out_BCHP = jnp.take_along_axis(out_BTHP, idx_BC[:, :, None, None], axis=1)
+            out_BCHP = jnp.where((seg_BC != _PAD_SEGMENT)[:, :, None, None], out_BCHP, 0).astype(dt)  # empty slots
+            return block._ffn(h_BCD + mixer.project_out(out_BCHP), ctx)
         q_BKGCP = q_BCHP.reshape(B, C, K, H // K, P).transpose(0, 2, 3, 1, 4)
         logits = jnp.einsum("bkgcp,btkp->bkgct", q_BKGCP, k_BTKP, preferred_element_type=jnp.float32) / math.sqrt(P)
         allowed_BCT = (seg_BC[:, :, None] == kseg_BT[:, None, :]) & (kpos_BT[:, None, :] <= pos_BC[:, :, None])
@@ -421,7 +432,7 @@ class MoR(Decoder):
                     l = cfg.middle + r * cfg.block_layers + j
                     u, lctx = cfg.unique_index(r, j), _layer_ctx(gctx, l)
                     if cfg.kv_sharing and r > 0:
-                        attend = lambda b, h, lc, kv=shared_kv[j]: self._attend_shared(b, h, pos_BC, seg_BC, kv, lc)  # noqa: E731
+                        attend = lambda b, h, lc, kv=shared_kv[j]: self._attend_shared(b, h, pos_BC, seg_BC, idx_BC, kv, lc)  # noqa: E731
                         h_BCD = self._apply(u, attend, h_BCD, lctx)
                     elif cfg.kv_sharing:
                         h_BCD, (k, v) = self._apply(u, self._self_block, h_BCD, lctx)
@@ -540,6 +551,4 @@ class MoR(Decoder):
 
 
 def _attention(q, k, v, mixer, ctx):
-    from effax.layers.attention import attention
-
     return attention(q, k, v, mask=mixer.call_mask(ctx, ctx.segment_ids_BT), impl=mixer.impl)

@@ -381,3 +381,14 @@ def test_decoding_skips_a_depth_no_row_reaches(monkeypatch):
         jax.block_until_ready(decode(s, TOKENS[:, 0], cache))
         jax.effects_barrier()
         assert least <= len(calls) <= most
+
+
+def test_kv_shared_depths_honour_the_attention_impl():
+    """With model.attention_impl=blockwise the KV-shared depths run the skeleton's attention (its custom VJP:
+    one call per layer run, 3 here instead of the first depth's 1) and give the masked einsum's logits, on
+    packed rows, each depth >= 1 holding a subset of the row in its buffer."""
+    _, _, _, uncached = generation(**EC_KV)  # the masked einsum ("auto" at T = 24 on CPU)
+    graphdef, state = nnx.split(model(**EC_KV, attention_impl="blockwise"))
+    fn = lambda s, t: nnx.merge(graphdef, s)(t, causal_routing=True)[0]  # noqa: E731
+    assert str(jax.make_jaxpr(fn)(state, TOKENS)).count("custom_vjp_call") == 3
+    np.testing.assert_allclose(compiled(fn, state, TOKENS)(state, TOKENS), uncached(TOKENS)[0], **TOL)
