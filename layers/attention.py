@@ -33,6 +33,7 @@ from flax import nnx
 from effax.kernels.flash_attention import ops as flash_ops
 from effax.layers.blockwise import blockwise_attention, default_blocks, schedule
 from effax.layers.kv_cache import KVState
+from effax.layers.linear import project
 from effax.layers.masks import BlockSparse, Mask, Spans, document_offsets_BT, keys_seen, visible
 from effax.layers.mixer import Layer, LayerContext, register_mixer
 from effax.layers.rope import apply_rope
@@ -338,9 +339,7 @@ class Attention(Layer):
         """The projections, with RoPE at `positions_BT` on q and k (unless model.nope), in the compute dtype."""
         dt = self.dtype
         x_BTD = x_BTD.astype(dt)
-        q_BTHP = jnp.einsum("btd,dhk->bthk", x_BTD, self.q[...].astype(dt))
-        k_BTKP = jnp.einsum("btd,dhk->bthk", x_BTD, self.k[...].astype(dt))
-        v_BTKP = jnp.einsum("btd,dhk->bthk", x_BTD, self.v[...].astype(dt))
+        q_BTHP, k_BTKP, v_BTKP = (project(x_BTD, w[...]) for w in (self.q, self.k, self.v))
         if self.rope:
             q_BTHP, k_BTKP = (apply_rope(a, positions_BT, theta=self.rope_theta) for a in (q_BTHP, k_BTKP))
         q_BTHP = constrain(q_BTHP, ("batch", "seq", "heads", "head_dim"))
@@ -348,7 +347,7 @@ class Attention(Layer):
         return q_BTHP, k_BTKP, v_BTKP
 
     def project_out(self, out_BTHP: jax.Array) -> jax.Array:
-        return jnp.einsum("bthk,hkd->btd", out_BTHP, self.o[...].astype(self.dtype))
+        return project(out_BTHP.astype(self.dtype), self.o[...], 2)
 
     # Decoding (layers/kv_cache.py): the state holds keys/values and the position of each slot.
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effax.layers.linear import project
 from effax.layers.mixer import Layer, LayerContext, register_ffn
 from effax.layers.sharding import constrain, logical_init
 
@@ -47,7 +48,6 @@ class SwiGLU(Layer):
 
     def __call__(self, x_BTD: jax.Array, ctx: LayerContext | None = None) -> jax.Array:
         x_BTD = x_BTD.astype(self.dtype)
-        gate_BTF = jnp.einsum("btd,df->btf", x_BTD, self.gate[...].astype(self.dtype))
-        up_BTF = jnp.einsum("btd,df->btf", x_BTD, self.up[...].astype(self.dtype))
+        gate_BTF, up_BTF = project(x_BTD, self.gate[...]), project(x_BTD, self.up[...])
         h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", "seq", "mlp"))
-        return jnp.einsum("btf,fd->btd", h_BTF, self.down[...].astype(self.dtype))
+        return project(h_BTF, self.down[...])
