@@ -1,5 +1,5 @@
 """The dense model on the shared decoder skeleton reproduces the pre-skeleton dense model bit for bit:
-logits, and a 20-step training loss curve on the quickstart smoke config (fp32, CPU, one device).
+logits, gradients, and (slow) a 20-step training loss curve on the quickstart smoke config (fp32, CPU, one device).
 The oracle is a frozen copy of the old model (tests/models/dense_legacy.py); both run here, in the same
 process, so the comparison is exact and does not depend on the machine."""
 
@@ -48,6 +48,26 @@ def test_logits_are_bit_identical(smoke, tie):
     np.testing.assert_array_equal(out["new"], out["old"])
 
 
+def test_gradients_are_bit_identical(smoke):
+    """Every parameter's gradient of a fixed linear function of the logits, through the backward of each
+    model (the cheap default; the 20-step training curve below, slow, adds AdamW and the data pipeline).
+    The two models name their parameters differently, so the leaves are matched by shape and value: a
+    gradient that differs in one bit matches none of the other model's."""
+    tokens = jax.random.randint(jax.random.key(3), (2, smoke.data.seq_len), 0, smoke.model.vocab_size)
+    probe = jax.random.normal(jax.random.key(4), (2, smoke.data.seq_len, smoke.model.vocab_size))
+    grads = {}
+    for name, model_cfg in (("new", smoke.model), ("old", _legacy(smoke.model))):
+        graphdef, state = nnx.split(registry.build(model_cfg, rngs=nnx.Rngs(0)))
+        loss = lambda s: jax.numpy.sum(nnx.merge(graphdef, s)(tokens)[0] * probe)
+        leaves = [np.asarray(g) for g in jax.tree.leaves(jax.jit(jax.grad(loss))(state))]
+        grads[name] = sorted(leaves, key=lambda g: (g.shape, float(np.abs(g).sum())))
+    assert len(grads["new"]) == len(grads["old"])
+    for new, old in zip(grads["new"], grads["old"]):
+        np.testing.assert_array_equal(new, old)
+    assert all(np.abs(g).sum() > 0 for g in grads["new"])  # every parameter is reached
+
+
+@pytest.mark.slow  # ~22 s; test_gradients_are_bit_identical covers the backward by default
 def test_training_loss_curve_is_bit_identical(smoke):
     curves = {}
     for name, model_cfg in (("new", smoke.model), ("old", _legacy(smoke.model))):

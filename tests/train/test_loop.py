@@ -41,10 +41,14 @@ def run_cli(workdir, overrides, devices=8, wait=True, config=SMOKE):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+# The default suite runs the two meshes that between them use the data, fsdp and tensor axes; the rest are
+# slow (make test-slow): pure data parallelism is the data axis of data 2 x fsdp 4, fsdp 8 shards no deeper
+# than fsdp 4, and the expert axis's batch split is test_expert_axis_splits_the_batch (the MoE layer's
+# expert parallelism is tests/layers/test_moe_parallel.py).
 @pytest.mark.parametrize("mesh", [
-    {"data": 8}, pytest.param({"data": 1, "fsdp": 8}, marks=pytest.mark.slow),  # data 2 x fsdp 4 shards as deep
+    pytest.param({"data": 8}, marks=pytest.mark.slow), pytest.param({"data": 1, "fsdp": 8}, marks=pytest.mark.slow),
     {"data": 2, "fsdp": 4}, {"data": 1, "fsdp": 4, "tensor": 2},
-    {"data": 1, "fsdp": 4, "expert": 2},  # expert-parallel devices split the batch too
+    pytest.param({"data": 1, "fsdp": 4, "expert": 2}, marks=pytest.mark.slow),  # expert devices split the batch too
 ])
 def test_meshes_give_the_same_loss_curve(tmp_path_factory, mesh, one_device_reference):
     overrides = QUIET + [f"mesh.{k}={v}" for k, v in mesh.items()]
