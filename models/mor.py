@@ -503,9 +503,8 @@ class MoR(Decoder):
         states = list(cache.layers)
         slot = {key: n for n, key in enumerate(self._cache_layout())}
 
-        def cached(u, h, valid_BT, st, write=True, layer=0):
+        def cached(block, h, valid_BT, st, write=True, layer=0):
             """-> (h, st): one layer on every token, its KV state st written for valid tokens if `write`."""
-            block = self.layer(u)
             lctx = dataclasses.replace(_layer_ctx(ctx, layer), valid_BT=valid_BT)
             q, k, v = block.mixer.qkv(block.mixer_norm(h), ctx.positions_BT)
             if write:
@@ -517,18 +516,21 @@ class MoR(Decoder):
         valid_BT = ctx.valid_BT
         if cfg.middle:
             n = slot[("first", 0, 0)]
-            x_BTD, states[n] = cached(0, x_BTD, valid_BT, states[n])
+            x_BTD, states[n] = cached(self.layer(0), x_BTD, valid_BT, states[n])
         prev_BT, memo = valid_BT, {}
         for r in range(cfg.n_recursions):
             rctx = LayerContext(positions_BT=ctx.positions_BT, layer=r)
             route = self._route(x_BTD, r, prev_BT, True, rctx, memo)
             active_BT = route.active_BT & valid_BT
             ns = [slot[("rec", 0 if cfg.kv_sharing else r, j)] for j in range(cfg.block_layers)]
+            # Each layer's weights are sliced out of the stack here, outside the cond: a branch that slices the
+            # stacked weights itself made XLA:CPU copy the whole stack into the cond at every step.
+            blocks = [self.layer(cfg.unique_index(r, j)) for j in range(cfg.block_layers)]
 
-            def depth(x_BTD, sts, r=r, route=route, active_BT=active_BT):
+            def depth(x_BTD, sts, r=r, route=route, active_BT=active_BT, blocks=blocks):
                 h_BTD, out = x_BTD, []
                 for j, st in enumerate(sts):
-                    h_BTD, st = cached(cfg.unique_index(r, j), h_BTD, active_BT, st, write=not (cfg.kv_sharing and r > 0),
+                    h_BTD, st = cached(blocks[j], h_BTD, active_BT, st, write=not (cfg.kv_sharing and r > 0),
                                        layer=cfg.middle + r * cfg.block_layers + j)
                     out.append(st)
                 out_BTD = h_BTD if route.gate_BT is None else \
@@ -546,7 +548,7 @@ class MoR(Decoder):
             prev_BT = active_BT
         if cfg.middle:
             n = slot[("last", 0, 0)]
-            x_BTD, states[n] = cached(cfg.unique_layers - 1, x_BTD, valid_BT, states[n])
+            x_BTD, states[n] = cached(self.layer(cfg.unique_layers - 1), x_BTD, valid_BT, states[n])
         return x_BTD, dataclasses.replace(cache, layers=tuple(states))
 
 
