@@ -11,7 +11,7 @@ COMMANDS = {
     "eval": ("effax.eval.cli", "evaluate checkpoints: loss, bpb, MQAR, generation, throughput (--watch for new ones)"),
     "fit": ("effax.eval.fits.cli", "scaling-law fits, plots and a report from a sweep root"),
     "sweep": ("effax.train.sweeps.cli", "launch, resume and inspect a sweep of runs"),
-    "bench": ("effax.train.bench", "performance tables: model (a config's training step), attention, kernels, peer"),
+    "bench": ("effax.train.bench", "performance tables: model (a config's training step), attention, kernels, peer, profile"),
 }
 
 USAGE = "usage: effax COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(

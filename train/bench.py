@@ -4,7 +4,8 @@
 
 `effax bench attention` (train/bench_attention.py) times the attention impls and masks themselves;
 `effax bench peer` (train/bench_peer.py) trains the same shape with PyTorch's Llama, alternating;
-`effax bench kernels` (train/bench_kernels.py) times each Pallas kernel against its XLA reference.
+`effax bench kernels` (train/bench_kernels.py) times each Pallas kernel against its XLA reference;
+`effax bench profile` (train/bench_profile.py) splits one training step's time by part, pass and kind.
 
 Every variant runs the loop's own jitted train step (`loop.build_trainer`) on real batches from the
 config's data, in this one process, so the ratios between rows are measured under the same conditions.
@@ -27,10 +28,11 @@ of --repeats timed blocks of --steps steps.
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="effax bench", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "attention", "peer", "kernels"],
+    p.add_argument("what", choices=["model", "attention", "peer", "kernels", "profile"],
                    help="model: the training step of an experiment config; attention: `effax bench attention --help`; "
                         "peer: against PyTorch's Llama, `effax bench peer --help`; kernels: the Pallas kernels "
-                        "against their XLA references, `effax bench kernels --help`")
+                        "against their XLA references, `effax bench kernels --help`; profile: where a "
+                        "training step's time goes, `effax bench profile --help`")
     p.add_argument("config", metavar="CONFIG[:VARIANT]")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[])
     p.add_argument("--vary", metavar="KEY=V1,V2,...", action="append", default=[],
@@ -91,6 +93,10 @@ def main(argv: list[str]) -> int:
         from effax.train import bench_peer
 
         return bench_peer.main(argv[1:])
+    if argv[:1] == ["profile"]:
+        from effax.train import bench_profile
+
+        return bench_profile.main(argv[1:])
     if argv[:1] == ["kernels"]:
         from effax.train import bench_kernels
 
