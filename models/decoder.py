@@ -346,7 +346,8 @@ class Decoder(nnx.Module):
                 return (x_BTD, carry), (values, nnx.state(superblock, Buffer))
 
             (x_BTD, carry), (values, buffers) = jax.lax.scan(remat_layer(body, self.cfg.remat), (x_BTD, carry),
-                                                             (state, jnp.arange(group.repeats)))
+                                                             (state, jnp.arange(group.repeats)),
+                                                             unroll=min(self.cfg.scan_unroll, group.repeats))
             if jax.tree.leaves(buffers):
                 new_buffers[g] = buffers
             for j, per_layer in enumerate(values):

@@ -85,6 +85,9 @@ class ModelConfig:
     dtype: DTypeName = "float32"  # compute dtype; bfloat16 gives bf16 compute with fp32 master weights
     param_dtype: DTypeName = "float32"
     remat: Literal["none", "full", "dots"] = "none"  # rematerialisation policy per layer
+    # Layers per iteration of each scan group's loop (jax.lax.scan's unroll; >= the repeats: no loop).
+    # 1 keeps compile time flat in depth; unrolling a few-layer model is faster on CPU (docs/benchmarks.md).
+    scan_unroll: int = 1
     attention_impl: Literal["auto", "xla", "blockwise", "cudnn", "pallas"] = "auto"  # pallas: opt-in (docs/attention.md)
 
     # Derived sizes (a zero field means "default"; these give the value actually used).
@@ -102,7 +105,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Checks the values a model needs; families extend this."""
-        for key in ("d_model", "n_layers", "n_heads"):
+        for key in ("d_model", "n_layers", "n_heads", "scan_unroll"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
         if self.vocab_size < 0:

@@ -194,3 +194,20 @@ def test_a_periodic_pattern_is_traced_once_whatever_the_depth():
         jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0]).lower(state, jnp.zeros((2, 8), jnp.int32))
         counts.append(dict(toy_layers.TRACES))
     assert counts[0] == counts[1] == {"trace_a": 2, "trace_b": 1, "trace_c": 1}  # once per place in the super-block
+
+
+def test_unrolled_scan_computes_the_same_logits_and_gradients():
+    """model.scan_unroll only changes how the layer loop is compiled (several layers per loop iteration, or
+    none). fp32: XLA may fuse across the unrolled layers and reorder a sum, ~1e-7 relative; 1e-5 would
+    still catch a layer skipped or applied twice (an O(1) change at init_std 0.2)."""
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, TINY.vocab_size)
+    results = []
+    for unroll in (1, 2):  # 2 layers in one scan group: a loop of 2, then none
+        cfg = dataclasses.replace(TINY, n_layers=2, scan_unroll=unroll)
+        graphdef, state = nnx.split(Dense(cfg, rngs=nnx.Rngs(0)))
+        loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens)[0] ** 2)
+        results.append(jax.jit(jax.value_and_grad(loss))(state))
+    for got, want in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[0])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(registry.ConfigError, match="model.scan_unroll"):
+        dataclasses.replace(TINY, scan_unroll=0).validate()
