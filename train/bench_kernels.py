@@ -14,7 +14,7 @@ spreads over all of them.
 On a CPU only the XLA paths are timed: Pallas kernels run there only in interpret mode, which is not a
 speed. `--size auto` is `gpu` on a GPU and `small` elsewhere; `tiny` is the test's.
 
-Adding a kernel: one `Kernel` entry in KERNELS (a name, sizes, a builder returning `Built`); see the two below.
+Adding a kernel: one `Kernel` entry in KERNELS (a name, sizes, a builder returning `Built`); see those below.
 """
 
 from __future__ import annotations
@@ -114,6 +114,75 @@ def build_linear_attention(B, T, H, N, P, dtype):
     )
 
 
+# --- chunked gated DeltaNet (kernels/delta_rule), chunk 64 ---------------------------------------------
+
+def build_delta_rule(B, T, H, N, P, dtype):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from effax.kernels.delta_rule import ops
+    from effax.layers.delta_rule import chunked_flops
+
+    rng = np.random.default_rng(0)
+
+    def unit(shape, scale=1.0):  # q, k L2-normalised as the GDN layer feeds them (q also scaled by N^-0.5)
+        x = rng.standard_normal(shape, dtype="float32")
+        return jnp.asarray(scale * x / np.linalg.norm(x, axis=-1, keepdims=True), dtype)
+
+    q, k, v = unit((B, T, H, N), N**-0.5), unit((B, T, H, N)), _normal(rng, (B, T, H, P), dtype)
+    beta = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((B, T, H)))), jnp.float32)
+    g = jnp.asarray(-rng.uniform(0.0, 0.5, (B, T, H)), jnp.float32)
+    b, Q = jnp.dtype(dtype).itemsize, 64
+    inputs = B * T * H * (b * (2 * N + P) + 8)  # q, k, v and the fp32 beta and log decay
+    outputs = 4 * B * H * (T * P + N * P)  # y and the final state, fp32
+    forward = B * T * chunked_flops(Q, T, H=H, N=N, P=P)  # the GDN layer's own count of the chunked form
+    return Built(
+        impl=lambda q, k, v, beta, g: ops.delta_rule(q, k, v, beta, g, chunk_size=Q, impl="pallas"),
+        xla=lambda q, k, v, beta, g: ops.delta_rule(q, k, v, beta, g, chunk_size=Q, impl="xla"),
+        args=(q, k, v, beta, g), diff=(0, 1, 2, 3, 4),
+        flops=(forward, 3 * forward),  # the backward counted as twice the forward
+        bytes=(inputs + outputs, 3 * inputs + 2 * outputs),
+        label=f"B{B} T{T} H{H} K{N} V{P} {jnp.dtype(dtype).name}",
+    )
+
+
+# --- block-sparse flash attention (kernels/flash_attention): causal, or a causal window of W keys -------
+
+def build_flash_attention(B, T, H, K, P, dtype, window=None):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from effax.kernels.flash_attention import ops
+
+    rng = np.random.default_rng(0)
+    q, k, v = _normal(rng, (B, T, H, P), dtype), _normal(rng, (B, T, K, P), dtype), _normal(rng, (B, T, K, P), dtype)
+    if window is None:
+        visible = lambda i, j: j <= i  # noqa: E731
+        pairs = T * (T + 1) // 2
+    else:
+        visible = lambda i, j: (j <= i) & (i - j < window)  # noqa: E731
+        pairs = int(np.minimum(np.arange(1, T + 1), window).sum())
+    b = jnp.dtype(dtype).itemsize
+    others = {}
+    if jax.default_backend() == "gpu":  # cuDNN's fused attention: the issue's bar for this kernel
+        others["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+    # FLOPs over the visible pairs only (QK^T and PV: 4 P per pair per head); the backward's five matmuls to
+    # the forward's two: fwd+bwd = 3.5x the forward (FlashAttention's convention)
+    forward = 4 * B * H * P * pairs
+    qkv, out = B * T * (H + 2 * K) * P * b, B * T * H * P * b
+    return Built(
+        impl=lambda q, k, v: ops.flash_attention(q, k, v, visible=visible, impl="pallas"),
+        xla=lambda q, k, v: ops.flash_attention(q, k, v, visible=visible, impl="xla"),
+        others=others, args=(q, k, v), diff=(0, 1, 2),
+        flops=(forward, 3.5 * forward),
+        # forward: q, k, v in, out; backward also reads q, k, v, out, its cotangent and writes dq, dk, dv
+        bytes=(qkv + out, 3 * qkv + 3 * out),
+        label=f"B{B} T{T} H{H} K{K} P{P} {'causal' if window is None else f'window {window}'} {jnp.dtype(dtype).name}",
+    )
+
+
 KERNELS = [
     Kernel("gmm", {"gpu": dict(M=16384, D=2048, F=1408, E=8, dtype="bfloat16"),
                    "small": dict(M=2048, D=256, F=352, E=8, dtype="float32"),
@@ -121,6 +190,15 @@ KERNELS = [
     Kernel("linear_attention", {"gpu": dict(B=1, T=8192, H=16, N=128, P=128, dtype="bfloat16"),
                                 "small": dict(B=1, T=1024, H=4, N=64, P=64, dtype="float32"),
                                 "tiny": dict(B=1, T=128, H=2, N=16, P=16, dtype="float32")}, build_linear_attention),
+    Kernel("delta_rule", {"gpu": dict(B=1, T=8192, H=16, N=128, P=128, dtype="bfloat16"),
+                          "small": dict(B=1, T=1024, H=4, N=64, P=64, dtype="float32"),
+                          "tiny": dict(B=1, T=128, H=2, N=16, P=16, dtype="float32")}, build_delta_rule),
+    Kernel("flash_attention", {"gpu": dict(B=1, T=8192, H=16, K=16, P=128, dtype="bfloat16"),
+                               "small": dict(B=1, T=1024, H=4, K=2, P=64, dtype="float32"),
+                               "tiny": dict(B=1, T=128, H=2, K=1, P=16, dtype="float32")}, build_flash_attention),
+    Kernel("flash_window", {"gpu": dict(B=1, T=8192, H=16, K=16, P=128, dtype="bfloat16", window=512),
+                            "small": dict(B=1, T=1024, H=4, K=2, P=64, dtype="float32", window=256),
+                            "tiny": dict(B=1, T=128, H=2, K=1, P=16, dtype="float32", window=32)}, build_flash_attention),
 ]
 
 
