@@ -25,12 +25,14 @@ VARIANTS = {  # `effax train experiments/mor/mor.py --variants`
     "smoke-recursive": "tiny (d 32, 2 recursions of 1 shared layer, 8 steps): the recursive transformer, router none",
     "smoke-ec": "tiny: expert-choice routing (capacities 1, 1/2), recursion-wise KV, auxiliary causal router",
     "smoke-tc-kvshare": "tiny: token choice (top-1 of 2 depths) with the aux-loss-free bias and recursive KV sharing",
+    "smoke-tc-capacity": "tiny: token choice with capacities 1, 1/2 (overflow dropped), warmed up from 1 over 4 steps",
 }
 
 SMOKE = {
     "smoke-recursive": {"router": "none"},
     "smoke-ec": {"router": "expert_choice"},
     "smoke-tc-kvshare": {"router": "token_choice", "kv_sharing": True, "balance": "aux_free"},
+    "smoke-tc-capacity": {"router": "token_choice", "capacities": (1.0, 0.5), "capacity_warmup_steps": 4},
 }
 
 # Between them the smoke variants cover each router (none, expert choice, token choice) and each KV strategy
