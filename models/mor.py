@@ -195,6 +195,9 @@ class MoRConfig(DecoderConfig):
             raise ConfigError("model.kv_sharing reuses the first recursion's keys of every token: model.capacities[0] must be 1")
         if self.capacity_warmup_steps < 0:
             raise ConfigError(f"model.capacity_warmup_steps must be >= 0, got {self.capacity_warmup_steps}")
+        if self.capacity_warmup_steps and not self.capacity_limited:
+            raise ConfigError(f"model.capacity_warmup_steps warms up capacities, which router={self.router!r} does not have "
+                              f"here (expert choice, or token choice with model.capacities set)")
         for key in ("router_alpha", "router_bce_coef", "aux_router_coef", "balance_coef", "z_loss_coef", "bias_update_rate"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
