@@ -175,6 +175,9 @@ class MoRConfig(DecoderConfig):
     def validate(self) -> None:
         super().validate()
         N, L = self.n_recursions, self.n_layers
+        if self.scan_unroll != 1:  # said, not ignored
+            raise ConfigError(f"model.scan_unroll={self.scan_unroll} does not apply to mor: its layer loop is a Python "
+                              "loop over the recursions already (no scan to unroll); leave it at 1")
         if N < 1:
             raise ConfigError(f"model.n_recursions must be >= 1, got {N}")
         if self.sharing not in SHARINGS:

@@ -79,6 +79,8 @@ def test_bad_configs_name_their_key():
         MoRConfig(**{**BASE, "capacities": (0.5, 0.5, 0.2), "kv_sharing": True}).validate()
     with pytest.raises(ConfigError, match="capacity_warmup_steps"):
         MoRConfig(**{**BASE, "router": "token_choice", "capacity_warmup_steps": 4}).validate()  # dropless: nothing to warm
+    with pytest.raises(ConfigError, match="model.scan_unroll"):
+        MoRConfig(**{**BASE, "scan_unroll": 2}).validate()  # no scan to unroll: refused, not ignored
     assert MoRConfig(**BASE).buffer_sizes(20) == [20, 14, 7]  # ceil(c T) for c = 1, 2/3, 1/3
 
 
