@@ -10,7 +10,8 @@ impl (dispatch):
              has been measured on a GPU (docs/kernels.md)
   pallas     kernels/gmm/kernel.py: Pallas gmm / tgmm kernels (Triton lowering) over a tile schedule computed
              on device, own VJP; off a GPU it runs in interpret mode (slow: tests only)
-  megablox   jax.experimental.pallas.ops.tpu.megablox.gmm, with its own VJP (gmm + tgmm); on CPU only in
+  megablox   jax.experimental.pallas.ops.tpu.megablox's gmm / tgmm kernels under a VJP of ours (the one megablox's
+             custom_vjp computes) that lets them run inside shard_map (see _megablox_gmm); on CPU only in
              interpret mode (tests)
   xla        a loop over row tiles of `tile` rows, each inside one group: only the scheduled tiles run
              (sum over groups of ceil(size / tile)), so a buffer padded for the worst case (expert
@@ -27,6 +28,7 @@ backward, while ragged_dot took 5-10x as long (and a gather of each block's weig
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -73,8 +75,6 @@ def tile_rows(m: int, groups: int) -> int:
 
 
 def _megablox(lhs_MD, rhs_EDF, group_sizes_E, interpret):
-    from jax.experimental.pallas.ops.tpu.megablox import gmm as megablox_gmm
-
     m = lhs_MD.shape[0]
     tm = 128
     padded = -(-max(m, 1) // tm) * tm  # megablox needs whole row tiles; the extra rows are in no group
@@ -82,9 +82,67 @@ def _megablox(lhs_MD, rhs_EDF, group_sizes_E, interpret):
     # mode): select them away on both sides (a select's gradient does not carry what it discards).
     in_group = (jnp.arange(padded) < jnp.sum(group_sizes_E))[:, None]
     lhs = jnp.where(in_group, jnp.pad(lhs_MD, ((0, padded - m), (0, 0))), 0)
-    # positional: the nondiff arguments of megablox's custom_vjp (preferred type, tiling, transpose_rhs, interpret)
-    out = megablox_gmm(lhs, rhs_EDF, group_sizes_E, jnp.float32, (tm, 128, 128), None, None, False, interpret)
+    out = _megablox_gmm(lhs, rhs_EDF, group_sizes_E, tm, interpret)
     return jnp.where(in_group, out, 0)[:m].astype(lhs_MD.dtype)
+
+
+# megablox's pallas_calls declare no shard_map axes on their outputs, which jax 0.10 rejects inside a checked
+# shard_map (the MoE dispatch's): "When `check_vma=True` on `jax.shard_map`, `manual_axis_type` on
+# `jax.ShapeDtypeStruct` must not be `None`". So its calls run in a nested shard_map over the axes that are
+# already manual (no data moves) with the check off, and their results are cast back to vary over the
+# inputs' axes. That cast must not be differentiated (its transpose is a psum), hence this VJP of our own:
+# forward and backward are megablox's kernels as its own VJP calls them, each run unchecked.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _megablox_gmm(lhs, rhs_EDF, group_sizes_E, tm: int, interpret: bool):
+    return _megablox_gmm_fwd(lhs, rhs_EDF, group_sizes_E, tm, interpret)[0]
+
+
+def _megablox_vjp(tm, interpret, lhs, rhs_EDF, group_sizes_E, dout=None):
+    """megablox's output (dout None), else (dlhs, drhs) for cotangent dout as megablox's own VJP computes them
+    (gmm against rhs^T, tgmm). Its kernel functions directly: inside shard_map, jax.vjp of its custom_vjp
+    would reject a cotangent that varies over axes its (undeclared) output does not."""
+    # the module; the package's `gmm` attribute is the custom_vjp function
+    mb = importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
+    tiling = (tm, 128, 128)
+    if dout is None:
+        return mb.gmm(lhs, rhs_EDF, group_sizes_E, jnp.float32, tiling, interpret=interpret)
+    dlhs = mb.gmm(dout, rhs_EDF, group_sizes_E, lhs.dtype, tiling, transpose_rhs=True, interpret=interpret)
+    drhs = mb.tgmm(lhs.swapaxes(0, 1), dout, group_sizes_E, rhs_EDF.dtype, tiling,
+                   num_actual_groups=rhs_EDF.shape[0], interpret=interpret)
+    return dlhs, drhs
+
+
+def _unchecked(fn, *args):
+    """fn(*args), inside shard_map run with its varying-axes check off and the results cast to vary over the
+    union of the arguments' axes (every argument has it: ops.gmm's _same_axes); outside, fn(*args)."""
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    if not manual:
+        return fn(*args)
+    from jax.sharding import PartitionSpec as P
+
+    outs = jax.shard_map(fn, in_specs=P(), out_specs=P(), axis_names=frozenset(manual), check_vma=False)(*args)
+    axes = _varying_axes(args[0])
+
+    def cast(o):
+        missing = tuple(sorted(axes - _varying_axes(o), key=str))
+        return jax.lax.pcast(o, missing, to="varying") if missing else o
+
+    return jax.tree.map(cast, outs)
+
+
+def _megablox_gmm_fwd(lhs, rhs_EDF, group_sizes_E, tm, interpret):
+    out = _unchecked(functools.partial(_megablox_vjp, tm, interpret), lhs, rhs_EDF, group_sizes_E)
+    return out, (lhs, rhs_EDF, group_sizes_E)
+
+
+def _megablox_gmm_bwd(tm, interpret, residuals, dout):
+    lhs, rhs_EDF, group_sizes_E = residuals
+    dlhs, drhs = _unchecked(functools.partial(_megablox_vjp, tm, interpret), lhs, rhs_EDF, group_sizes_E,
+                            dout.astype(jnp.float32))
+    return dlhs.astype(lhs.dtype), drhs.astype(rhs_EDF.dtype), None
+
+
+_megablox_gmm.defvjp(_megablox_gmm_fwd, _megablox_gmm_bwd)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """kernels/gmm: every impl of the grouped matmul against the ragged_dot reference, forward and both
 gradients, with odd sizes, empty groups, every row in one group, rows past the last group and bf16
 inputs; megablox runs in interpret mode (reads past an edge are NaN there, so a missing mask shows);
-the TPU and CUDA lowerings are exported on CPU."""
+the TPU and CUDA lowerings are exported on CPU; megablox inside shard_map (as the MoE dispatch calls it) is
+interpreted against the reference and exported for TPU."""
 
 import functools
 
@@ -93,3 +94,54 @@ def test_tile_rows_shrink_with_many_small_groups():
     assert ops.tile_rows(8192, 8) == 256
     assert ops.tile_rows(8192, 64) == 64  # at most one partial tile per group: <= 64 x 64 rows of waste
     assert ops.tile_rows(5, 4) == 5  # never more than the rows
+
+
+# The MoE dispatch calls gmm inside shard_map, rows split over a batch axis and weights over `expert`. There
+# megablox used to fail while tracing, on any platform (jax 0.10: its pallas_call outputs declare no varying
+# axes). A 2 x 2 mesh: each device has 20 rows of its `data` shard and 2 experts (sizes 3, 0 | 7, 9: an empty
+# group and rows past the groups on every device).
+SHARDED = (40, 8, 12, [3, 0, 7, 9])
+
+
+def _sharded_value_and_grads(impl, platforms=None):
+    """jitted (loss, (dx, dw)) of sum(gmm(x, w) * d) over shard_map's shards; exported when platforms."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 2), ("data", "expert"), axis_types=(jax.sharding.AxisType.Explicit,) * 2,
+                         devices=jax.devices()[:4])
+    kw = {"impl": impl, "interpret": True} if impl == "megablox" and not platforms else {"impl": impl}
+
+    def shard(x, w, sizes, d):
+        return jnp.sum(ops.gmm(x, w, sizes, **kw).astype(jnp.float32) * d)[None]
+
+    def loss(x, w, sizes, d):
+        specs = (P("data"), P("expert"), P("expert"), P("data"))
+        return jax.shard_map(shard, in_specs=specs, out_specs=P(("data", "expert")))(x, w, sizes, d).sum()
+
+    M, K, N, sizes = SHARDED
+    fn = jax.jit(jax.value_and_grad(loss, (0, 1)))
+    specs = {"x": ((M, K), P("data")), "w": ((len(sizes), K, N), P("expert")), "s": ((len(sizes),), P("expert")),
+             "d": ((M, N), P("data"))}
+    with jax.set_mesh(mesh):
+        if platforms:
+            dtypes = {"x": jnp.bfloat16, "w": jnp.bfloat16, "s": jnp.int32, "d": jnp.float32}
+            args = [jax.ShapeDtypeStruct(shape, dtypes[k], sharding=jax.sharding.NamedSharding(mesh, spec))
+                    for k, (shape, spec) in specs.items()]
+            return jax.export.export(fn, platforms=platforms)(*args)
+        args = [jax.device_put(a, jax.sharding.NamedSharding(mesh, specs[k][1]))
+                for k, a in zip(specs, _inputs(*SHARDED, jnp.float32))]
+        loss, grads = fn(*args)
+    return np.asarray(loss), tuple(np.asarray(g) for g in grads)
+
+
+def test_megablox_inside_shard_map_exports_for_tpu():
+    assert _sharded_value_and_grads("megablox", platforms=["tpu"]).mlir_module().count("tpu_custom_call") >= 3
+
+
+def test_megablox_inside_shard_map_matches_the_reference():
+    """Interpreted inside shard_map: the weight gradient must be summed over the `data` shards."""
+    loss, (dx, dw) = _sharded_value_and_grads("megablox")
+    ref_loss, (ref_dx, ref_dw) = _sharded_value_and_grads("reference")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(dx, ref_dx, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(dw, ref_dw, atol=1e-4, rtol=0)

@@ -1,9 +1,12 @@
 """Expert parallelism: every router and expert set of the MoE layer gives, under 8-device meshes with an
 `expert` axis (all-to-all inside shard_map), the one-device loss, gradients, reported figures and aux-free
-bias update. The training-loop curves are in tests/models/test_moe_training.py."""
+bias update; with gmm_impl=megablox (auto's pick on TPU) the layer exports for TPU under such a mesh, and
+(slow) gives the one-device result interpreted. The training-loop curves are in tests/models/test_moe_training.py."""
 
+import collections
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -109,3 +112,52 @@ def test_tokens_travel_by_all_to_all_at_the_experts_width(name, width):
     moves = [line for line in hlo.splitlines() if "all_to_all" in line and "f32" in line]
     assert len(moves) >= 4, moves  # there and back, forward and backward
     assert all(f"x{width}xf32>" in line for line in moves), moves
+
+
+def _tpu_export_text(impl, mesh_sizes):
+    """The TPU export (StableHLO text) of the dropless layer's loss and gradients with gmm_impl=impl under an
+    expert-parallel mesh; shapes only."""
+    cfg = dataclasses.replace(BASE, gmm_impl=impl, n_shared_experts=1)
+    mesh_cfg = dataclasses.replace(config_lib.MeshConfig(), **mesh_sizes)
+    mesh, rules = mesh_lib.make_mesh(mesh_cfg), mesh_lib.rules(mesh_cfg)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, rngs=nnx.Rngs(0))))
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                             nnx.get_named_sharding(state, mesh))
+        rows = jax.sharding.NamedSharding(mesh, mesh_lib.logical_spec(("batch", "seq", None), rules))
+        x = jax.ShapeDtypeStruct((B, T, D), jnp.float32, sharding=rows)
+        fn = jax.value_and_grad(functools.partial(_loss, graphdefs=[graphdef]), argnums=(0, 1), has_aux=True)
+        return jax.export.export(jax.jit(fn), platforms=["tpu"])([state], x, x, [x]).mlir_module()
+
+
+def test_dropless_layer_with_megablox_exports_for_tpu_under_expert_parallelism():
+    """gmm_impl=auto is megablox on TPU. Its kernels inside the dispatch's shard_map failed to trace with jax
+    0.10 (outputs declaring no varying axes); exported for TPU here: forward gmm, backward gmm and tgmm, and
+    the same collectives as the xla impl (the unchecked inner shard_map of kernels/gmm/ops.py moves no data)."""
+    texts = {impl: _tpu_export_text(impl, MESHES["expert=2 fsdp=4"]) for impl in ("megablox", "xla")}
+    assert "tpu_custom_call" in texts["megablox"] and "@tgmm" in texts["megablox"]
+    pattern = r"stablehlo\.(all_reduce|all_gather|all_to_all|reduce_scatter|collective_permute)"
+    collectives = {impl: collections.Counter(re.findall(pattern, text)) for impl, text in texts.items()}
+    assert collectives["megablox"] == collectives["xla"] and collectives["xla"]["all_to_all"] >= 4, collectives
+
+
+@pytest.mark.slow  # megablox interpreted: ~15 s
+def test_dropless_layer_with_megablox_interpreted_gives_the_one_device_result(monkeypatch):
+    """The megablox path's numbers inside the dispatch's shard_map (Pallas interpret mode on CPU, which runs
+    there since its calls run with the check off): loss and gradients as on one device with the xla impl."""
+    from effax.kernels.gmm import ops as gmm_ops
+
+    name = "top-k dropless + shared"
+    (ref_loss, _), ref_grads = _run(None, only=(name,))
+    gmm, calls = gmm_ops.gmm, []
+
+    def megablox(x, w, sizes, impl):
+        calls.append(impl)
+        return gmm(x, w, sizes, impl="megablox", interpret=True)
+
+    monkeypatch.setattr(gmm_ops, "gmm", megablox)
+    (loss, _), grads = _run(MESHES["expert=2 fsdp=4"], only=(name,))
+    assert len(calls) == 3  # gate, up, down
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
