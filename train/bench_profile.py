@@ -53,7 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------
 # The compiled HLO: instruction name -> (opcode, op_name, source file)
 
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+(?:\[[^\]]*\])?(?:\{[^}]*\})?\s+([\w\-]+)\(")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_OPCODE = re.compile(r"\s*([\w\-]+)\(")
+
+
+def _instruction(line: str) -> tuple[str, str] | None:
+    """'%name = SHAPE opcode(...)...' -> (name, opcode); SHAPE may be a tuple '(f32[2]{0}, s32[])' (multi-output
+    fusions), which holds spaces, so it is skipped by balancing parentheses."""
+    m = _INSTR.match(line)
+    if not m:
+        return None
+    rest, depth, i = m[2], 0, 0
+    if rest.startswith("("):
+        for i, ch in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                break
+        rest = rest[i + 1:]
+    else:
+        rest = rest.split(None, 1)[1] if " " in rest else ""
+    op = _OPCODE.match(rest)
+    return (m[1], op[1]) if op else None
 _FILE_NAME = re.compile(r'^(\d+)\s+"(.*)"$')
 _FILE_LOC = re.compile(r"^(\d+)\s+\{file_name_id=(\d+)\s+function_name_id=(\d+)")
 _FRAME = re.compile(r"^(\d+)\s+\{file_location_id=(\d+)(?:\s+parent_frame_id=(\d+))?")
@@ -113,10 +133,10 @@ def parse_hlo(text: str) -> dict[str, tuple[str, str, str]]:
 
     ops = {}
     for line in text.splitlines():
-        m = _INSTR.match(line)
-        if not m:
+        parsed = _instruction(line)
+        if not parsed:
             continue
-        name, opcode = m[1], m[2]
+        name, opcode = parsed
         op_name = re.search(r'op_name="([^"]*)"', line)
         frame = re.search(r"stack_frame_id=(\d+)", line)
         ops[name] = (opcode, op_name[1] if op_name else "", part_of(frame[1] if frame else None) or "other")

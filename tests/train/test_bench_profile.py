@@ -4,6 +4,7 @@ trace supplies the times. The default test profiles a small jitted gradient whos
 `layers/` folder (a second or two); the whole train step of the smoke config is slow (make test-slow)."""
 
 import importlib.util
+import re
 import textwrap
 
 import jax
@@ -31,8 +32,12 @@ def test_ops_are_attributed_to_their_effax_function_and_pass(tmp_path):
 
     loss = lambda w, x: jnp.sum(fake.block(x, w) ** 2)
     x, w = jnp.ones((4, 64, 32)), jnp.full((32, 48), 0.01)
-    compiled = jax.jit(jax.grad(loss)).lower(w, x).compile()
-    ops = bench_profile.parse_hlo(compiled.as_text())
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, x).compile()  # two gradients: a tuple root
+    text = compiled.as_text()
+    ops = bench_profile.parse_hlo(text)
+    # every instruction is parsed, tuple-shaped ones included (the gradient's root; multi-output fusions)
+    assert set(re.findall(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = ", text, re.M)) <= set(ops)
+    assert any(opcode == "tuple" for opcode, _, _ in ops.values())
     parts = {(bench_profile.classify(name, *op)[:2]) for name, op in ops.items() if op[0] not in ("parameter", "constant")}
     assert ("layers/fake.py:block", "forward") in parts and ("layers/fake.py:block", "backward") in parts
     assert not any(part.startswith("layers/linear.py") for part, _ in parts)
