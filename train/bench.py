@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", metavar="CONFIG[:VARIANT]")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[])
     p.add_argument("--vary", metavar="KEY=V1,V2,...", action="append", default=[],
-                   help="one row per value (several --vary give their product)")
+                   help="one row per value (several --vary give their product); keys in one quoted --vary, "
+                        "space-separated, vary together: --vary 'data.seq_len=512,2048 train.batch_size=4,1'")
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
@@ -82,6 +83,22 @@ def time_config(cfg, *, steps: int, repeats: int, warmup: int) -> dict:
             "params_m": cfg.model.param_count() / 1e6}
 
 
+def vary_axis(item: str) -> list[list[str]]:
+    """One --vary: 'KEY=V1,V2' gives [[KEY=V1], [KEY=V2]]; 'K1=A,B K2=C,D' (keys that vary together) gives
+    [[K1=A, K2=C], [K1=B, K2=D]]."""
+    groups = []
+    for part in item.split():
+        key, sep, values = part.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--vary {item!r} must look like KEY=V1,V2 (or 'K1=A,B K2=C,D' to vary keys together)")
+        groups.append([f"{key}={v}" for v in values.split(",")])
+    if not groups:
+        raise ValueError("--vary '' must look like KEY=V1,V2")
+    if len({len(g) for g in groups}) > 1:
+        raise ValueError(f"--vary {item!r}: keys that vary together need as many values each")
+    return [list(row) for row in zip(*groups)]
+
+
 def main(argv: list[str]) -> int:
     import itertools
 
@@ -104,14 +121,12 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from effax.train import config as config_lib
 
-    axes = []
-    for item in args.vary:
-        key, sep, values = item.partition("=")
-        if not sep or not values:
-            print(f"effax bench: --vary {item!r} must look like KEY=V1,V2", file=sys.stderr)
-            return 2
-        axes.append([f"{key}={v}" for v in values.split(",")])
-    variants = [list(v) for v in itertools.product(*axes)] or [[]]
+    try:
+        axes = [vary_axis(item) for item in args.vary]
+    except ValueError as e:
+        print(f"effax bench: {e}", file=sys.stderr)
+        return 2
+    variants = [[s for group in v for s in group] for v in itertools.product(*axes)] or [[]]
     try:
         configs = [config_lib.resolve(args.config, args.overrides + v) for v in variants]
     except config_lib.ConfigError as e:
