@@ -11,13 +11,14 @@ from xla_testing import xla_flags
 def test_bench_model_table(repo, tmp_path):
     out_json = tmp_path / "bench.json"
     out = subprocess.run([sys.executable, "-m", "effax.cli", "bench", "model", "experiments/quickstart.py:smoke",
-                          "--set", "mesh.data=1", "--vary", "data.seq_len=32,64", "--steps", "1", "--repeats", "1",
+                          "--set", "mesh.data=1", "--vary", "data.seq_len=32,64 train.batch_size=4,2", "--steps", "1", "--repeats", "1",
                           "--warmup", "1", "--out", str(out_json)],
                          cwd=repo, capture_output=True, text=True, env={"XLA_FLAGS": xla_flags(1),
                                                                         "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out_json.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["data.seq_len=32", "data.seq_len=64"]
+    # keys in one --vary vary together (zipped): two rows, not four
+    assert [r["variant"] for r in rows] == ["data.seq_len=32 train.batch_size=4", "data.seq_len=64 train.batch_size=2"]
     assert rows[0]["ratio"] == 1.0 and all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in rows)
     assert "data.seq_len=64" in out.stdout and "ratio" in out.stdout
 
