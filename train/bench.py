@@ -14,6 +14,7 @@ config's data, in this one process, so the ratios between rows are measured unde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -45,14 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def time_config(cfg, *, steps: int, repeats: int, warmup: int) -> dict:
+@contextlib.contextmanager
+def trainer_and_batches(cfg, n_batches: int = 4):
+    """The loop's own trainer for `cfg` on the mesh its config asks for, and `n_batches` real batches on the
+    devices; yields (cfg with its vocabulary filled in, trainer, batches) inside the mesh and logical-axis
+    rules (bench model and bench profile time the same step)."""
     import jax
     from flax import nnx
 
     from effax.train import data as data_lib
     from effax.train import loop
     from effax.train import mesh as mesh_lib
-    from effax.train import metrics as metrics_lib
 
     cfg = loop.resolve_vocab(cfg, data_lib.tokenizer_for(cfg.data))
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -62,7 +66,15 @@ def time_config(cfg, *, steps: int, repeats: int, warmup: int) -> dict:
     batches = data_lib.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                       process_index=jax.process_index(), process_count=jax.process_count())
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        device_batches = [trainer.to_global(next(batches)) for _ in range(4)]
+        yield cfg, trainer, [trainer.to_global(next(batches)) for _ in range(n_batches)]
+
+
+def time_config(cfg, *, steps: int, repeats: int, warmup: int) -> dict:
+    import jax
+
+    from effax.train import metrics as metrics_lib
+
+    with trainer_and_batches(cfg) as (cfg, trainer, device_batches):
         state = trainer.init_state()
         for i in range(warmup):
             state, metrics = trainer.train_step(state, device_batches[i % 4])

@@ -180,21 +180,10 @@ def op_times(trace_dir: str, ops: dict) -> dict[str, float]:
 
 def profile(cfg, *, steps: int, warmup: int) -> dict:
     import jax
-    from flax import nnx
 
-    from effax.train import data as data_lib
-    from effax.train import loop
-    from effax.train import mesh as mesh_lib
+    from effax.train.bench import trainer_and_batches
 
-    cfg = loop.resolve_vocab(cfg, data_lib.tokenizer_for(cfg.data))
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    mesh_lib.check_divisibility(cfg, mesh)
-    rules = mesh_lib.rules(cfg.mesh)
-    trainer = loop.build_trainer(cfg, mesh, rules)
-    batches = data_lib.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                      process_index=jax.process_index(), process_count=jax.process_count())
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        device_batches = [trainer.to_global(next(batches)) for _ in range(4)]
+    with trainer_and_batches(cfg) as (cfg, trainer, device_batches):
         state = trainer.init_state()
         compiled = trainer.train_step.lower(state, device_batches[0]).compile()
         ops = parse_hlo(compiled.as_text())
