@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from effax.kernels.linear_attention.reference import _new_document_BT, segment_sums
 
 F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST  # fp32 products on every backend (no TF32 / bf16 passes)
 
 
 def _check(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH):
@@ -76,11 +77,11 @@ def chunked(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH, *, chunk_size: int,
         to_end = jnp.where(reaches_end, to_end, 0.0)
         chunk_decay = jnp.where(carries[..., -1], chunk_decay, 0.0)
 
-    # The UT transform: one unit-lower-triangular solve for both right-hand sides.
+    # The UT transform: (I + A)^-1 applied to both right-hand sides.
     strictly_lower = jnp.tril(jnp.ones((Q, Q), bool), -1)
     A = jnp.where(strictly_lower, beta[..., :, None] * Gamma * jnp.einsum("bchtn,bchsn->bchts", k, k), 0.0)
     rhs = jnp.concatenate([beta[..., None] * v, (beta * gamma)[..., None] * k], axis=-1)  # [B, c, H, Q, P + N]
-    solved = jax.scipy.linalg.solve_triangular(A + jnp.eye(Q, dtype=F32), rhs, lower=True, unit_diagonal=True)
+    solved = jnp.einsum("...ts,...sx->...tx", unit_lower_inverse(A), rhs, precision=HIGHEST)
     U_tilde, W = solved[..., :P], solved[..., P:]
 
     def pass_state(S_BHPN, inputs):
@@ -95,6 +96,24 @@ def chunked(q_BTHN, k_BTHN, v_BTHP, beta_BTH, log_decay_BTH, *, chunk_size: int,
     y = gamma[..., None] * jnp.einsum("bchtn,cbhpn->bchtp", q, entering_S)
     y = y + jnp.einsum("bchts,cbhsp->bchtp", Gamma * jnp.einsum("bchtn,bchsn->bchts", q, k), U)
     return jnp.moveaxis(y, 2, 3).reshape(B, n_chunks * Q, H, P)[:, :T], final
+
+
+def unit_lower_inverse(A):
+    """(I + A)^-1 for strictly lower-triangular A [..., Q, Q], by blocked inversion (the kernel's scheme): with X
+    the inverse of the diagonal blocks of size b, the blocks of size 2b are [[X11, 0], [-X22 A21 X11, X22]],
+    i.e. X <- X - X A21' X with A21' the lower off-diagonal b x b block of each 2b x 2b diagonal block;
+    ceil(log2 Q) levels of two batched matmuls. Not `jax.scipy.linalg.solve_triangular`: on XLA's CPU backend
+    (jax 0.10.2) the gradient of a batched triangular solve deadlocked within a few calls (every thread waiting;
+    reproduced outside effax), which hung GDN's training step."""
+    Q = A.shape[-1]
+    t, s = jnp.arange(Q)[:, None], jnp.arange(Q)[None, :]
+    inv = jnp.broadcast_to(jnp.eye(Q, dtype=A.dtype), A.shape)
+    b = 1
+    while b < Q:  # static
+        off = ((t ^ s) < 2 * b) & ((t & b) != 0) & ((s & b) == 0)  # row in a block's 2nd half, column in its 1st
+        inv = inv - jnp.einsum("...tu,...uv,...vs->...ts", inv, jnp.where(off, A, 0.0), inv, precision=HIGHEST)
+        b *= 2
+    return inv
 
 
 def step(state_BHPN, q_BHN, k_BHN, v_BHP, beta_BH, log_decay_BH):
