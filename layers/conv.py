@@ -39,14 +39,24 @@ def causal_conv(x, w, bias=None, *, segment_ids_BT=None, history=None):
     padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)  # [B, W - 1 + T, *ch]
     if segment_ids_BT is not None:  # the history slots belong to the first token's document
         seg = jnp.concatenate([jnp.repeat(segment_ids_BT[:, :1], W - 1, axis=1), segment_ids_BT], axis=1)
-    y = jnp.zeros(x.shape, jnp.float32) if bias is None else jnp.broadcast_to(bias.astype(jnp.float32), x.shape)
+    # One row (B = 1) is convolved without its batch axis: XLA:CPU (jax 0.10) fuses the weight gradient's
+    # product and reduction over [1, T, ch] into a YNNPACK kernel ~30x slower than over [T, ch], which made
+    # batch-1 training steps 1.5x slower per token (docs/benchmarks.md, "Batch-1 reductions"). With B > 1
+    # the batched form is kept: it fuses better (the flat form cost Mamba2's step 11% at 16 x 512).
+    rows = x.shape[:1] if x.shape[0] > 1 else ()  # the batch axis, dropped when it is 1
+    padded = padded.reshape(*rows, *padded.shape[1:])
+    if segment_ids_BT is not None:
+        seg, segment_ids_BT = seg.reshape(*rows, -1), segment_ids_BT.reshape(*rows, T)
+    shape = (*rows, *x.shape[1:])
+    y = jnp.zeros(shape, jnp.float32) if bias is None else jnp.broadcast_to(bias.astype(jnp.float32), shape)
     extra = (1,) * (x.ndim - 2)
     for i in range(W):  # tap i reads W - 1 - i tokens back
-        tap = padded[:, i : i + T].astype(jnp.float32)
+        tap = jax.lax.slice_in_dim(padded, i, i + T, axis=len(rows)).astype(jnp.float32)
         if segment_ids_BT is not None:
-            same_doc = seg[:, i : i + T] == segment_ids_BT
+            same_doc = jax.lax.slice_in_dim(seg, i, i + T, axis=len(rows)) == segment_ids_BT
             tap = jnp.where(same_doc.reshape(*same_doc.shape, *extra), tap, 0.0)
         y = y + tap * w[i].astype(jnp.float32)
+    y = y.reshape(x.shape)
     return y.astype(x.dtype)
 
 

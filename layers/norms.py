@@ -10,10 +10,20 @@ from effax.layers.sharding import logical_init
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """Computed in fp32 (a bf16/fp16 sum of squares loses precision or overflows); cast back to x's dtype."""
+    """Computed in fp32 (a bf16/fp16 sum of squares loses precision or overflows); cast back to x's dtype.
+    Not on `flat_rows` (which would be faster at batch 1 on CPU): the dense model's gradients stay bit-identical
+    to the pre-skeleton model's (tests/models/test_dense_skeleton_equivalence.py), whose norm is on [B, T, D]."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def flat_rows(x: jax.Array) -> jax.Array:
+    """x [..., F] as [rows, F]. A per-feature weight multiplied on [B, T, F] with B = 1 gets a weight
+    gradient that XLA:CPU (jax 0.10) fuses, product and reduction over [1, T, F], into a YNNPACK kernel
+    ~30x slower than over [T, F]; on 2-D the same math runs at full speed, and the reshape is free
+    (docs/benchmarks.md, "Batch-1 reductions")."""
+    return x.reshape(-1, x.shape[-1])
 
 
 class RMSNorm(nnx.Module):

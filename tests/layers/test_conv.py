@@ -36,6 +36,28 @@ def test_taps_resets_and_history():
     np.testing.assert_array_equal(stepped, [[2, 3, 4], [7, 8, 9]])  # the last 3 valid tokens: 1-3 (row 0), 6-8 (row 1)
 
 
+def test_one_row_equals_its_row_of_a_batch_forward_and_gradients():
+    """A batch of one takes its own path (the batch axis dropped, for XLA:CPU's speed): each row alone, with
+    its segment ids, history and bias, gives the batched call's outputs and gradients for that row."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 11, 2, 3)).astype(np.float32)
+    w, bias = rng.normal(size=(4, 2, 3)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32)
+    history = rng.normal(size=(2, 3, 2, 3)).astype(np.float32)
+
+    @jax.jit
+    def value_and_grads(x, w, bias, history, seg):
+        f = lambda x, w, bias: conv.causal_conv(x, w, bias, segment_ids_BT=seg, history=history)  # noqa: E731
+        y = f(x, w, bias)
+        return y, jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(x, w, bias)
+
+    y, (dx, dw, db) = value_and_grads(x, w, bias, history, SEGMENTS)
+    per_row = [value_and_grads(x[b:b + 1], w, bias, history[b:b + 1], SEGMENTS[b:b + 1]) for b in range(2)]
+    close(np.concatenate([r[0] for r in per_row]), y)
+    close(np.concatenate([r[1][0] for r in per_row]), dx)
+    close(sum(r[1][1] for r in per_row), dw)  # the weight gradients add up over rows
+    close(sum(r[1][2] for r in per_row), db)
+
+
 def test_gated_conv_block_follows_based():
     """y = (silu(conv(x W_u + b_u)) * (x W_g + b_g)) W_out + b_out, with a bias-free depthwise filter."""
     x, got = outputs()
