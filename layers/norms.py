@@ -11,8 +11,11 @@ from effax.layers.sharding import logical_init
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """Computed in fp32 (a bf16/fp16 sum of squares loses precision or overflows); cast back to x's dtype.
-    Not on `flat_rows` (which would be faster at batch 1 on CPU): the dense model's gradients stay bit-identical
-    to the pre-skeleton model's (tests/models/test_dense_skeleton_equivalence.py), whose norm is on [B, T, D]."""
+    A batch of one is normalised on `flat_rows` (XLA:CPU's batch-1 slowdown); larger batches keep [B, T, D], so
+    the dense model's gradients stay bit-identical to the pre-skeleton model's (a different reduction order of
+    the scale's gradient would change the last bits; tests/models/test_dense_skeleton_equivalence.py)."""
+    if x.ndim > 2 and x.shape[0] == 1:
+        return rms_norm(flat_rows(x), scale, eps).reshape(x.shape)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)

@@ -1,11 +1,12 @@
 """RMSNorm, RoPE and SwiGLU against numpy formulas written out here."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from effax.layers.mlp import SwiGLU
-from effax.layers.norms import RMSNorm
+from effax.layers.norms import RMSNorm, rms_norm
 from effax.layers.rope import apply_rope
 
 
@@ -25,6 +26,32 @@ def test_rms_norm_computes_in_fp32():
     y = RMSNorm(8, rngs=nnx.Rngs(0))(x)
     assert y.dtype == jnp.float16
     np.testing.assert_allclose(np.asarray(y, np.float32), 1.0, rtol=1e-3)  # float16 has 11 significant bits
+
+
+def test_a_batch_of_one_is_normalised_like_its_row_of_a_batch():
+    """rms_norm and gated_rms_norm take their own path at batch 1 (the batch axis dropped, for XLA:CPU's
+    speed): outputs and gradients (input and scale) equal those of the same row inside a batch of 2."""
+    from effax.layers.ssm import gated_rms_norm
+
+    rng = np.random.default_rng(1)
+    x, gate = (jnp.asarray(rng.normal(size=(2, 5, 3, 8)), jnp.float32) for _ in range(2))
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 8), jnp.float32)
+    norms = {"rms_norm": lambda x, g, s: rms_norm(x, s, 1e-5),
+             "gated": lambda x, g, s: gated_rms_norm(x, g, s, 1e-5, norm_before_gate=True)}
+    for name, f in norms.items():
+        @jax.jit
+        def jitted(x, g, s):
+            return f(x, g, s), jax.grad(lambda x, s: jnp.sum(jnp.sin(f(x, g, s))), argnums=(0, 1))(x, s)
+
+        def value_and_grads(rows):
+            return jitted(x[rows], gate[rows], scale)
+
+        y, (dx, ds) = value_and_grads(slice(0, 2))
+        (y0, (dx0, ds0)), (_, (_, ds1)) = value_and_grads(slice(0, 1)), value_and_grads(slice(1, 2))
+        # fp32; only the scale gradient's summation order differs (5 x 3 terms per feature vs 10 x 3)
+        np.testing.assert_allclose(y0, y[:1], rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(dx0, dx[:1], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(ds0 + ds1, ds, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def _rope_numpy(x_BTHP, pos_BT, theta):
