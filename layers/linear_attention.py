@@ -56,6 +56,8 @@ def taylor_features(x):
     """Based's feature map on the last axis (d = its size): phi(x) = [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))],
     1 + d + d^2 features, so phi(q) . phi(k) = 1 + q.k / sqrt(d) + (q.k)^2 / (2 d): the 2nd-order Taylor
     expansion of exp(q.k / sqrt(d))."""
+    if x.ndim > 2 and x.shape[0] == 1:  # a batch of one without its batch axis: XLA:CPU's batch-1 kernel (norms.flat_rows)
+        return taylor_features(x[0])[None]
     d = x.shape[-1]
     x = x.astype(F32)
     outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], d * d)

@@ -105,6 +105,10 @@ def test_taylor_features_give_the_second_order_expansion():
     phi_q, phi_k = fast(jax.jit(lambda q, k: (la.taylor_features(q), la.taylor_features(k))))(q, k)
     np.testing.assert_allclose(jnp.sum(phi_q * phi_k, axis=-1), 1 + s + s**2 / 2, rtol=1e-5)
     assert phi_q.shape[-1] == 1 + d + d * d  # 273 for Based's d = 16
+    # A batch of one (its own path, for XLA:CPU's speed) gives its row of the batch, forward and gradient.
+    grad = jax.jit(jax.grad(lambda q: jnp.sum(jnp.sin(la.taylor_features(q)))))
+    np.testing.assert_array_equal(fast(jax.jit(la.taylor_features))(q[:1]), phi_q[:1])
+    np.testing.assert_allclose(grad(q[:1]), grad(q)[:1], rtol=1e-6, atol=1e-7)
 
 
 def test_based_block_follows_its_equations():
