@@ -132,8 +132,12 @@ def test_the_cache_is_fixed_size_recurrent_state():
 SMOKES = ("smoke-mamba2", "smoke-gdn", "smoke-based", "smoke-samba", "smoke-sambay", "smoke-yoco", "smoke-hydra")
 
 
-# smoke-yoco trains in make test-slow: its layers (yoco_kv, yoco_cross) train inside smoke-sambay by default.
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v == "smoke-yoco" else v for v in SMOKES])
+# smoke-yoco and smoke-samba train in make test-slow: by default their layers train inside the others (yoco_kv and
+# yoco_cross in smoke-sambay; Mamba2 in smoke-mamba2, the sliding window in smoke-based).
+SLOW_SMOKES = ("smoke-yoco", "smoke-samba")
+
+
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.slow) if v in SLOW_SMOKES else v for v in SMOKES])
 def test_the_smoke_experiments_learn_on_the_demo_corpus(repo, variant):
     """Each smoke variant of experiments/hybrid/hybrid.py: 10 training steps of the loop's own jitted train
     step (AdamW, the real data pipeline on the SOTU corpus), on one device and compiled as `fast` to keep

@@ -19,9 +19,11 @@ SPEC = "experiments/mor/mor.py"
 QUIET = ["logging.tensorboard=false", "logging.progress=false", "mesh.data=1"]
 
 
-# smoke-tc-capacity (token choice with a capacity and its warm-up through the loop's step) trains in make test-slow.
-@pytest.mark.parametrize("variant", ["smoke-recursive", "smoke-ec", "smoke-tc-kvshare",
-                                     pytest.param("smoke-tc-capacity", marks=pytest.mark.slow)])
+# make test-slow trains smoke-tc-capacity (token choice with a capacity and its warm-up through the loop's step) and
+# smoke-recursive (no router: the shared block the routed variants also run; tests/models/test_mor.py checks it
+# against a vanilla model with copied weights).
+@pytest.mark.parametrize("variant", ["smoke-ec", "smoke-tc-kvshare",
+                                     *(pytest.param(v, marks=pytest.mark.slow) for v in ("smoke-recursive", "smoke-tc-capacity"))])
 def test_smoke_variants_learn_on_the_demo_corpus(tmp_path, monkeypatch, repo, variant):
     monkeypatch.chdir(repo)
     monkeypatch.setattr(mesh_lib, "make_mesh", functools.partial(mesh_lib.make_mesh, devices=jax.devices()[:1]))

@@ -8,7 +8,19 @@ import pytest
 from xla_testing import xla_flags
 
 
+def test_vary_zips_the_keys_it_is_given_together():
+    from effax.train.bench import vary_axis
+
+    assert vary_axis("data.seq_len=32,64") == [["data.seq_len=32"], ["data.seq_len=64"]]
+    assert vary_axis("data.seq_len=32,64 train.batch_size=4,2") == [["data.seq_len=32", "train.batch_size=4"],
+                                                                     ["data.seq_len=64", "train.batch_size=2"]]
+    with pytest.raises(ValueError, match="as many values"):
+        vary_axis("data.seq_len=32,64 train.batch_size=4")
+
+
+@pytest.mark.slow  # ~20 s: two train steps compiled in a subprocess; by default, the --vary parsing above
 def test_bench_model_table(repo, tmp_path):
+
     out_json = tmp_path / "bench.json"
     out = subprocess.run([sys.executable, "-m", "effax.cli", "bench", "model", "experiments/quickstart.py:smoke",
                           "--set", "mesh.data=1", "--vary", "data.seq_len=32,64 train.batch_size=4,2", "--steps", "1", "--repeats", "1",
