@@ -34,13 +34,13 @@ VARIANTS = {  # `effax train experiments/hybrid/hybrid.py --variants`
     "smoke-mamba2": "2 Mamba2 layers, d_model 32, 10 steps of 8 × 64 bytes: seconds; the tests run it",
     "smoke-gdn": "GDN then attention (the preset's layer types once each), d_model 32, 10 steps; the tests run it",
     "smoke-based": "gated conv, Based, sliding window (Based's layer types once each), d_model 32, 10 steps; the tests run it",
-    "smoke-samba": "Mamba2 then sliding window, d_model 32, 10 steps; the tests run it",
+    "smoke-samba": "Mamba2 then sliding window, d_model 32, 10 steps; make test-slow runs it",
     "sambay": "SambaY: Samba self-decoder, memory Mamba, one KV layer, GMU / cross-attention cross-decoder, no RoPE; 8 layers",
     "samba_yoco": "Samba+YOCO (SambaY's baseline): SambaY with cross-attention in place of the GMUs; 8 layers",
     "yoco": "YOCO: sliding-window self-decoder, one KV layer, cross-attention cross-decoder; 8 layers",
     "hydra": "Hydra: Mamba2 backbone, block-sparse attention, chunk-level MoE (4 experts, top 2), product-key memory; 4 layers",
     "smoke-sambay": "memory Mamba, KV layer, GMU, cross-attention (SambaY's own layers once), d_model 32, 10 steps; the tests run it",
-    "smoke-yoco": "KV layer then cross-attention (YOCO's own layers), d_model 32, 10 steps; the tests run it",
+    "smoke-yoco": "KV layer then cross-attention (YOCO's own layers), d_model 32, 10 steps; make test-slow runs it",
     "smoke-hydra": "block-sparse attention with a chunk-level MoE, then with a product-key memory, d_model 32, 10 steps; the tests run it",
 }
 ARCHS = ("attn", "mamba2", "samba", "gdn", "based")  # the architectures of the comparison, in sweep order
@@ -54,8 +54,8 @@ HYDRA_SIZES = dict(n_experts=4, top_k=2, moe_chunk=64, pkm_heads=4, pkm_keys=64,
 # The smoke variants hold a preset's own layer types once, in the order they need (the memory and KV layers before
 # the layers reading them; mamba2_memory is a Mamba2 block), with one SwiGLU each: the test suite pays for every
 # compiled layer, so the layers other smokes train are left out (the self-decoders' sliding windows and Mamba2 are
-# smoke-samba's, Hydra's Mamba2 backbone smoke-mamba2's). SambaY's smoke runs its SSM in one chunk of 64; Hydra's
-# grouped matmul is the exact ragged_dot (it compiles in about half the time).
+# smoke-samba's, and by default smoke-based's and smoke-mamba2's; Hydra's Mamba2 backbone smoke-mamba2's). SambaY's
+# smoke runs its SSM in one chunk of 64; Hydra's grouped matmul is the exact ragged_dot (it compiles in about half the time).
 SMOKE_PATTERNS = {"sambay": ("mamba2_memory+none", "yoco_kv+none", "gmu", "yoco_cross+none"),
                   "yoco": ("yoco_kv+none", "yoco_cross"), "hydra": ("block_sparse+chunk_moe", "block_sparse+pkm")}
 SMOKE_FIELDS = {"sambay": dict(chunk_size=64),
