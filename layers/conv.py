@@ -40,7 +40,7 @@ def causal_conv(x, w, bias=None, *, segment_ids_BT=None, history=None):
     if segment_ids_BT is not None:  # the history slots belong to the first token's document
         seg = jnp.concatenate([jnp.repeat(segment_ids_BT[:, :1], W - 1, axis=1), segment_ids_BT], axis=1)
     # One row (B = 1) is convolved without its batch axis: XLA:CPU (jax 0.10) fuses the weight gradient's
-    # product and reduction over [1, T, ch] into a YNNPACK kernel ~30x slower than over [T, ch], which made
+    # product and reduction over [1, T, ch] into a YNNPACK kernel ~40x slower than over [T, ch], which made
     # batch-1 training steps 1.5x slower per token (docs/benchmarks.md, "Batch-1 reductions"). With B > 1
     # the batched form is kept: it fuses better (the flat form cost Mamba2's step 11% at 16 x 512).
     rows = x.shape[:1] if x.shape[0] > 1 else ()  # the batch axis, dropped when it is 1

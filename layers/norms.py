@@ -24,7 +24,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 def flat_rows(x: jax.Array) -> jax.Array:
     """x [..., F] as [rows, F]. A per-feature weight multiplied on [B, T, F] with B = 1 gets a weight
     gradient that XLA:CPU (jax 0.10) fuses, product and reduction over [1, T, F], into a YNNPACK kernel
-    ~30x slower than over [T, F]; on 2-D the same math runs at full speed, and the reshape is free
+    ~40x slower than over [T, F]; on 2-D the same math runs at full speed, and the reshape is free
     (docs/benchmarks.md, "Batch-1 reductions")."""
     return x.reshape(-1, x.shape[-1])
 
