@@ -29,8 +29,8 @@ def test_rms_norm_computes_in_fp32():
 
 
 def test_a_batch_of_one_is_normalised_like_its_row_of_a_batch():
-    """rms_norm and gated_rms_norm take their own path at batch 1 (the batch axis dropped, for XLA:CPU's
-    speed): outputs and gradients (input and scale) equal those of the same row inside a batch of 2."""
+    """rms_norm takes its own path at batch 1 and gated_rms_norm works on flat rows (both for XLA:CPU's
+    batch-1 speed): outputs and gradients (input and scale) equal those of the same row inside a batch of 2."""
     from effax.layers.ssm import gated_rms_norm
 
     rng = np.random.default_rng(1)

@@ -20,7 +20,6 @@ def test_vary_zips_the_keys_it_is_given_together():
 
 @pytest.mark.slow  # ~20 s: two train steps compiled in a subprocess; by default, the --vary parsing above
 def test_bench_model_table(repo, tmp_path):
-
     out_json = tmp_path / "bench.json"
     out = subprocess.run([sys.executable, "-m", "effax.cli", "bench", "model", "experiments/quickstart.py:smoke",
                           "--set", "mesh.data=1", "--vary", "data.seq_len=32,64 train.batch_size=4,2", "--steps", "1", "--repeats", "1",
