@@ -20,6 +20,7 @@ from effax.kernels.linear_attention.reference import (  # noqa: F401  (the core 
 from effax.kernels.linear_attention import ops as la_ops
 from effax.layers.conv import require_fields
 from effax.layers.mixer import Layer, LayerContext, register_mixer
+from effax.layers.norms import flat_rows
 from effax.layers.sharding import logical_init
 
 F32 = jnp.float32
@@ -56,8 +57,8 @@ def taylor_features(x):
     """Based's feature map on the last axis (d = its size): phi(x) = [1, x / d^(1/4), vec(x x^T) / (sqrt(2) sqrt(d))],
     1 + d + d^2 features, so phi(q) . phi(k) = 1 + q.k / sqrt(d) + (q.k)^2 / (2 d): the 2nd-order Taylor
     expansion of exp(q.k / sqrt(d))."""
-    if x.ndim > 2 and x.shape[0] == 1:  # a batch of one without its batch axis: XLA:CPU's batch-1 kernel (norms.flat_rows)
-        return taylor_features(x[0])[None]
+    if x.ndim > 2 and x.shape[0] == 1:  # a batch of one on flat rows: XLA:CPU's batch-1 kernel (norms.flat_rows)
+        return taylor_features(flat_rows(x)).reshape(*x.shape[:-1], -1)
     d = x.shape[-1]
     x = x.astype(F32)
     outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], d * d)

@@ -5,6 +5,7 @@ temporary folder and renames it when complete, so a kill mid-save leaves the pre
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -14,14 +15,14 @@ import orbax.checkpoint as ocp
 log = logging.getLogger("effax")
 
 
+@functools.cache  # once per process
 def _write_arrays_whole_on_one_process() -> None:
     """With one process, every array is written whole by it: orbax's default (replica-parallel saving, which
     splits a replicated array between the replicas that may be on different hosts) slices each replicated
     array on device first, a jitted slice per array shape and sharding: 64 compiles, ~2.6 s of a 2-core CPU
     at the first save of the quickstart smoke model on 8 devices, for nothing on one host. Multi-host runs
     keep the default."""
-    global _arrays_handler_set
-    if jax.process_count() == 1 and not _arrays_handler_set:
+    if jax.process_count() == 1:
         absl_log = logging.getLogger("absl")  # quiet its warning that the default handler is overridden
         level = absl_log.level
         absl_log.setLevel(logging.ERROR)
@@ -30,10 +31,6 @@ def _write_arrays_whole_on_one_process() -> None:
                 jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
         finally:
             absl_log.setLevel(level)
-        _arrays_handler_set = True
-
-
-_arrays_handler_set = False
 
 
 class Checkpoints:
