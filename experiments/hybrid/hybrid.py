@@ -31,7 +31,7 @@ VARIANTS = {  # `effax train experiments/hybrid/hybrid.py --variants`
     "gdn": "gated DeltaNet + full attention 3:1, SwiGLU in each; 4 layers",
     "based": "Based: gated convolutions, Taylor linear attention (feature dim 16), sliding window 64; 5 layers",
     "attn": "the attention baseline on the same skeleton (dense Llama block), 4 layers",
-    "smoke-mamba2": "2 Mamba2 layers, d_model 32, 10 steps of 8 × 64 bytes: seconds; the tests run it",
+    "smoke-mamba2": "2 Mamba2 layers, d_model 32, 10 steps of 8 × 64 bytes: seconds; make test-slow runs it",
     "smoke-gdn": "GDN then attention (the preset's layer types once each), d_model 32, 10 steps; the tests run it",
     "smoke-based": "gated conv, Based, sliding window (Based's layer types once each), d_model 32, 10 steps; the tests run it",
     "smoke-samba": "Mamba2 then sliding window, d_model 32, 10 steps; make test-slow runs it",
@@ -54,8 +54,9 @@ HYDRA_SIZES = dict(n_experts=4, top_k=2, moe_chunk=64, pkm_heads=4, pkm_keys=64,
 # The smoke variants hold a preset's own layer types once, in the order they need (the memory and KV layers before
 # the layers reading them; mamba2_memory is a Mamba2 block), with one SwiGLU each: the test suite pays for every
 # compiled layer, so the layers other smokes train are left out (the self-decoders' sliding windows and Mamba2 are
-# smoke-samba's, and by default smoke-based's and smoke-mamba2's; Hydra's Mamba2 backbone smoke-mamba2's). SambaY's
-# smoke runs its SSM in one chunk of 64; Hydra's grouped matmul is the exact ragged_dot (it compiles in about half the time).
+# smoke-samba's and smoke-mamba2's, and by default smoke-based's and smoke-sambay's memory Mamba; Hydra's Mamba2
+# backbone likewise). SambaY's smoke runs its SSM in one chunk of 64; Hydra's grouped matmul is the exact ragged_dot
+# (it compiles in about half the time).
 SMOKE_PATTERNS = {"sambay": ("mamba2_memory+none", "yoco_kv+none", "gmu", "yoco_cross+none"),
                   "yoco": ("yoco_kv+none", "yoco_cross"), "hydra": ("block_sparse+chunk_moe", "block_sparse+pkm")}
 SMOKE_FIELDS = {"sambay": dict(chunk_size=64),
