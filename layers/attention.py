@@ -28,13 +28,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from effax.kernels.flash_attention import ops as flash_ops
-from effax.layers.blockwise import blockwise_attention, default_blocks, schedule
+from effax.layers.blockwise import blockwise_attention, schedule
 from effax.layers.kv_cache import KVState
 from effax.layers.linear import project
-from effax.layers.masks import BlockSparse, Mask, Spans, document_offsets_BT, keys_seen, visible
+from effax.layers.masks import BlockSparse, Mask, Spans, block_visible, document_offsets_BT, keys_seen, visible
 from effax.layers.mixer import Layer, LayerContext, register_mixer
 from effax.layers.rope import apply_rope
 from effax.layers.sharding import constrain, logical_init
@@ -45,6 +46,7 @@ __all__ = ["IMPLS", "Mask", "BlockSparse", "Spans", "attention", "choose_impl", 
 IMPLS = ("auto", "xla", "blockwise", "cudnn", "pallas")
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: masked logits stay out of NaN territory
 _CUDNN_REFUSES = ("chunk", "sinks", "block_sparse", "spans")  # Mask fields cuDNN's public API cannot express
+XLA_UP_TO = 2048  # on CPU, auto picks the xla impl up to this many tokens and the blockwise path past it
 
 
 def _check_shapes(q_BTHP, k_BTKP, v_BTKP, mask: Mask) -> None:
@@ -106,12 +108,20 @@ def reference_attention(q_BTHP, k_BTKP, v_BTKP, *, mask: Mask, scale: float | No
     return jnp.einsum("bhts,bshd->bthd", probs, v).astype(q_BTHP.dtype)
 
 
-def _xla_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float) -> jax.Array:
+def _xla_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float, block: int | None = None) -> jax.Array:
     """Masked einsum in [B, K, G, T, P] layout: one transpose before the einsums is 2.6x faster on CPU
     than einsums over [B, T, H, P] (shared/notes). Groups come from a reshape, KV is never repeated.
-    Logits, softmax and the AV accumulation are fp32; probabilities enter the AV matmul in v's dtype."""
+    Logits, softmax and the AV accumulation are fp32; probabilities enter the AV matmul in v's dtype.
+
+    With `block` (what `attention` passes on CPU: `xla_query_block`) and T past one block, queries go in
+    blocks and each block's einsum covers only the keys from its first to its last kept key block
+    (`_xla_spans_attention`)."""
     B, T, H, P = q_BTHP.shape
     K = k_BTKP.shape[2]
+    if block is not None and block < T:
+        spans = _key_spans(mask.static, T, K, block, mask.segment_ids_BT is not None)
+        if len(spans) > 1:
+            return _xla_spans_attention(q_BTHP, k_BTKP, v_BTKP, mask, scale, spans)
     q_BKGTP = q_BTHP.reshape(B, T, K, H // K, P).transpose(0, 2, 3, 1, 4)
     k_BKSP = k_BTKP.transpose(0, 2, 1, 3)
     v_BKSP = v_BTKP.transpose(0, 2, 1, 3)
@@ -126,6 +136,79 @@ def _xla_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float) -> jax.Arra
     if mask.spans is not None:  # only spans can leave a row without keys (span < 1 token): zeros, as in every impl
         out_BKGTP = jnp.where(allowed_BKGTS.any(-1, keepdims=True), out_BKGTP, 0.0)
     return out_BKGTP.transpose(0, 3, 1, 2, 4).reshape(B, T, H, P).astype(q_BTHP.dtype)
+
+
+def _xla_spans_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float, spans) -> jax.Array:
+    """The masked einsum, one query block at a time over the keys of its span (`_key_spans`): under a causal
+    mask at T 256 in blocks of 64, 10 of the 16 blocks' work. Every row's visible keys lie in its span, so
+    each softmax is the whole row's. Layout [B, K, T, G, P], q scaled once: a query block is then one
+    contiguous slice, which measured faster in the CPU training step than [B, K, G, T, P]
+    (docs/benchmarks.md). The einsums are unrolled, one per query block: `xla_query_block` keeps them few."""
+    B, T, H, P = q_BTHP.shape
+    K = k_BTKP.shape[2]
+    G = H // K
+    q_BKTGP = (q_BTHP * jnp.asarray(scale, q_BTHP.dtype)).reshape(B, T, K, G, P).transpose(0, 2, 1, 3, 4)
+    k_BKSP = k_BTKP.transpose(0, 2, 1, 3)
+    v_BKSP = v_BTKP.transpose(0, 2, 1, 3)
+    if mask.spans is None:
+        allowed_BKTGS = mask.allowed_BTS(T)[:, None, :, None, :]
+    else:
+        allowed_BHTS = mask.allowed_BHTS(T, H)
+        allowed_BKTGS = allowed_BHTS.reshape(allowed_BHTS.shape[0], K, G, T, T).transpose(0, 1, 3, 2, 4)
+    outs = []
+    for q_lo, q_hi, k_lo, k_hi in spans:
+        if k_lo == k_hi:  # a query block that sees no key (MoA spans under one token): zeros, as in every impl
+            outs.append(jnp.zeros((B, K, q_hi - q_lo, G, P), jnp.float32))
+            continue
+        allowed = allowed_BKTGS[:, :, q_lo:q_hi, :, k_lo:k_hi]
+        logits = jnp.einsum("bktgd,bksd->bktgs", q_BKTGP[:, :, q_lo:q_hi], k_BKSP[:, :, k_lo:k_hi],
+                            preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(jnp.where(allowed, logits, _NEG), axis=-1)
+        out = jnp.einsum("bktgs,bksd->bktgd", probs.astype(v_BTKP.dtype), v_BKSP[:, :, k_lo:k_hi],
+                         preferred_element_type=jnp.float32)
+        if mask.spans is not None:
+            out = jnp.where(allowed.any(-1, keepdims=True), out, 0.0)
+        outs.append(out)
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4).reshape(B, T, H, P).astype(q_BTHP.dtype)
+
+
+def xla_query_block(T: int) -> int:
+    """The query block of the xla impl on CPU: 64 tokens (the fastest at T 256, docs/benchmarks.md), larger
+    past T 1024 so that at most 16 einsums are unrolled."""
+    return max(64, -(-T // 16))
+
+
+@functools.lru_cache(maxsize=256)
+def _key_spans(static: tuple, T: int, kv_heads: int, block: int, packed: bool) -> tuple[tuple[int, int, int, int], ...]:
+    """(query lo, query hi, key lo, key hi) per query block: from the first to the last key block the mask
+    keeps for it (`masks.block_visible`, any kv head; packed documents use its superset, and with anchor
+    tokens the span starts at key 0, where a document's sinks or global blocks may lie)."""
+    mask = Mask(*static)
+    try:
+        has_QK = block_visible(mask, T, block, block, packed=packed, kv_heads=kv_heads).any(axis=0)
+    except NotImplementedError:  # global rows of packed documents have no block table: every pair, one einsum
+        return ((0, T, 0, T),)
+    spans = []
+    for i, row in enumerate(has_QK):
+        kept = np.flatnonzero(row)
+        q_lo, q_hi = i * block, min(T, (i + 1) * block)
+        if kept.size == 0:
+            spans.append((q_lo, q_hi, 0, 0))
+            continue
+        k_lo = 0 if packed and mask.anchor else int(kept[0]) * block
+        spans.append((q_lo, q_hi, k_lo, min(T, (int(kept[-1]) + 1) * block)))
+    return tuple(spans)
+
+
+@functools.lru_cache(maxsize=256)
+def _spans_overhead(static: tuple, T: int, kv_heads: int, block: int, packed: bool) -> float:
+    """Query-key pairs the spans compute over those of the kept blocks (1.0: no block computed in vain)."""
+    if _key_spans(static, T, kv_heads, block, packed) == ((0, T, 0, T),):
+        return 1.0  # one einsum over every pair (also where no block table exists)
+    kept = block_visible(Mask(*static), T, block, block, packed=packed, kv_heads=kv_heads).any(axis=0)
+    kept_pairs = sum(min(block, T - i * block) * min(block, T - j * block) for i, j in zip(*np.nonzero(kept)))
+    computed = sum((q_hi - q_lo) * (k_hi - k_lo) for q_lo, q_hi, k_lo, k_hi in _key_spans(static, T, kv_heads, block, packed))
+    return computed / max(kept_pairs, 1)
 
 
 def _cudnn_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float) -> jax.Array:
@@ -214,15 +297,20 @@ def _cudnn_ok(q_BTHP, mask: Mask) -> bool:
 
 
 def choose_impl(q_BTHP, mask: Mask) -> str:
-    """impl='auto': cuDNN where it honours the call (`_cudnn_ok`); on CPU the blockwise path once T spans
-    more than one block (below that there is nothing to skip, and the masked einsum compiles faster);
-    otherwise the masked einsum. On GPU without cuDNN and on TPU the masked einsum stays the choice:
-    the blockwise path is unmeasured there (docs/benchmarks.md)."""
+    """impl='auto': cuDNN where it honours the call (`_cudnn_ok`). On CPU the masked einsum over each query
+    block's key span up to T 2048, where it is fastest (docs/benchmarks.md; it saves probabilities for the
+    kept blocks, T^2 / 2 under a causal mask), unless the spans would compute over 1.5x the kept blocks
+    (sinks or global tokens far behind a window, strided patterns); past that, the blockwise path (O(T)
+    saved). Otherwise the masked einsum: on GPU without cuDNN and on TPU the blockwise path is unmeasured."""
     if _cudnn_ok(q_BTHP, mask):
         return "cudnn"
-    if jax.default_backend() == "cpu" and q_BTHP.shape[1] > default_blocks(q_BTHP.shape[1])[0]:
-        return "blockwise"
-    return "xla"
+    T, K = q_BTHP.shape[1], q_BTHP.shape[2]
+    if jax.default_backend() != "cpu" or T <= xla_query_block(T):
+        return "xla"
+    packed = mask.segment_ids_BT is not None
+    if T <= XLA_UP_TO and _spans_overhead(mask.static, T, K, xla_query_block(T), packed) <= 1.5:
+        return "xla"
+    return "blockwise"
 
 
 def attention(q_BTHP, k_BTKP, v_BTKP, *, mask: Mask, impl: str = "auto", scale: float | None = None) -> jax.Array:
@@ -231,8 +319,9 @@ def attention(q_BTHP, k_BTKP, v_BTKP, *, mask: Mask, impl: str = "auto", scale: 
     scale = 1 / math.sqrt(q_BTHP.shape[-1]) if scale is None else scale
     if impl == "auto":
         impl = choose_impl(q_BTHP, mask)
-    if impl == "xla":
-        return _xla_attention(q_BTHP, k_BTKP, v_BTKP, mask, scale)
+    if impl == "xla":  # on CPU over each query block's key span; elsewhere all T x T pairs (unmeasured there)
+        block = xla_query_block(q_BTHP.shape[1]) if jax.default_backend() == "cpu" else None
+        return _xla_attention(q_BTHP, k_BTKP, v_BTKP, mask, scale, block)
     if impl == "blockwise":
         return blockwise_attention(q_BTHP, k_BTKP, v_BTKP, mask=mask, scale=scale)
     if impl == "cudnn":

@@ -93,10 +93,13 @@ def test_bf16_inputs():
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU choice of impl='auto'")
-def test_auto_on_cpu_is_blockwise_past_one_block_and_never_cudnn():
+def test_auto_on_cpu_is_xla_up_to_2048_tokens_then_blockwise_and_never_cudnn():
     for dtype in (jnp.float32, jnp.bfloat16):
-        assert choose_impl(jnp.zeros((1, 256, 4, 64), dtype), Mask()) == "blockwise"
-        assert choose_impl(jnp.zeros((1, 64, 4, 64), dtype), Mask()) == "xla"  # one block: nothing to skip
+        assert choose_impl(jnp.zeros((1, 4096, 4, 64), dtype), Mask()) == "blockwise"
+        assert choose_impl(jnp.zeros((1, 2048, 4, 64), dtype), Mask()) == "xla"  # over each query block's key span
+        assert choose_impl(jnp.zeros((1, 64, 4, 64), dtype), Mask(window=8, sinks=4)) == "xla"  # one block
+        # sinks far behind a window: the span from key 0 would compute ~8x the kept blocks
+        assert choose_impl(jnp.zeros((1, 2048, 4, 64), dtype), Mask(window=128, sinks=4)) == "blockwise"
 
 
 def test_auto_sends_to_cudnn_only_masks_it_takes(monkeypatch):

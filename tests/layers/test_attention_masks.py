@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attention_testing import compiled
-from effax.layers.attention import BlockSparse, Mask, Spans, attention, reference_attention
+from effax.layers.attention import BlockSparse, Mask, Spans, _key_spans, _xla_attention, attention, reference_attention
 from effax.layers.blockwise import blockwise_attention
 from effax.layers.masks import document_offsets_BT
 
@@ -115,10 +115,20 @@ def _blockwise_program(static, packed):
     return compiled(functools.partial(_output_and_grads, _blockwise), *args)
 
 
+@functools.cache
+def _xla_spans_program(static, packed):
+    """One compiled program per static mask, as for blockwise (eagerly, each span's shapes would compile op by op)."""
+    args = (Mask(*static, segment_ids_BT=jnp.asarray(SEGMENTS) if packed else None), *_qkv())
+    spans = lambda q, k, v, mask: _xla_attention(q, k, v, mask, P ** -0.5, BLOCKS[0])  # noqa: E731
+    return compiled(functools.partial(_output_and_grads, spans), *args)
+
+
 IMPLS = {  # the reference and xla run eagerly (cheap after the first call); blockwise is one compile per mask
     "reference": functools.partial(_output_and_grads, lambda q, k, v, mask: reference_attention(q, k, v, mask=mask)),
     "xla": functools.partial(_output_and_grads, lambda q, k, v, mask: attention(q, k, v, mask=mask, impl="xla")),
     "blockwise": lambda mask, *qkv: _blockwise_program(mask.static, mask.segment_ids_BT is not None)(mask, *qkv),
+    # The xla impl as on CPU at long T: each query block over its key span (`attention` passes blocks of 64+).
+    "xla_spans": lambda mask, *qkv: _xla_spans_program(mask.static, mask.segment_ids_BT is not None)(mask, *qkv),
 }
 
 
@@ -131,6 +141,8 @@ def _reference(name, packed):
 # documents), run-time rules (chunk, block-sparse and spans of packed documents; spans always),
 # non-causal, global rows (unpacked), and a spans plan's second layer.
 CASES = [(name, "xla", True) for name in MASKS]
+CASES += [(name, "xla_spans", True) for name in MASKS]  # the packed superset, anchors from key 0, global rows
+CASES += [(name, "xla_spans", False) for name in ("sinks_window", "block_sparse", "spans")]
 CASES += [(name, "blockwise", True) for name in ("window", "sinks_chunk", "block_sparse", "spans", "chunk_bidirectional")]
 CASES += [(name, "blockwise", False) for name in ("sinks_window", "block_sparse_bidirectional", "spans_layer1_sinks")]
 
@@ -158,6 +170,19 @@ def test_blockwise_on_random_packings(doc_lengths):
         mask = Mask(**MASKS[name], segment_ids_BT=segments)
         for g, want in zip(IMPLS["blockwise"](mask, *_qkv()), IMPLS["reference"](mask, *_qkv())):
             np.testing.assert_allclose(g, want, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_xla_spans_skip_the_blocks_a_mask_removes():
+    """The key spans of the xla impl's query blocks: causal T 256 in blocks of 64 computes 10 of the 16
+    blocks; a window of 64 at most two key blocks per query block; packed documents with sinks start at key 0."""
+    causal = _key_spans(Mask().static, 256, 2, 64, False)
+    assert [(q_lo, k_lo, k_hi) for q_lo, _, k_lo, k_hi in causal] == [(0, 0, 64), (64, 0, 128), (128, 0, 192), (192, 0, 256)]
+    window = _key_spans(Mask(window=64).static, 1024, 2, 64, False)
+    assert max(k_hi - k_lo for _, _, k_lo, k_hi in window) == 128 and window[-1][2] == 1024 - 128
+    assert all(k_lo == 0 for _, _, k_lo, _ in _key_spans(Mask(window=64, sinks=4).static, 1024, 2, 64, True))
+    assert _key_spans(Mask(window=64, sinks=4).static, 1024, 2, 64, False)[-1][2] == 0  # unpacked sinks: block 0 is kept
+    empty = _key_spans(Mask(spans=Spans(alpha=((-200,),), beta=((0.0,),))).static, 256, 1, 64, False)
+    assert all(k_lo == k_hi for _, _, k_lo, k_hi in empty)  # no key visible anywhere: no einsum, zeros
 
 
 def test_blockwise_refuses_global_rows_of_packed_documents():
