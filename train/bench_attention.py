@@ -4,12 +4,16 @@
 
 Two tables:
 1. The quickstart shape (B16 T256 H4/KV2 P64, fp32, causal): forward and forward+backward of the masked
-   einsum (impl="xla"), the blockwise path, and PyTorch's `scaled_dot_product_attention` (when torch is
-   installed: `pip install -e '.[bench]'`), with ratios to the masked einsum measured in the same run.
+   einsum over all T x T pairs (the xla impl before it skipped blocks), impl="xla" (on CPU: each query
+   block over its key span), the blockwise path, and PyTorch's `scaled_dot_product_attention` (when torch
+   is installed: `pip install -e '.[bench]'`), with ratios to the all-pairs einsum measured in the same run.
 2. Causal vs sliding window (512) vs block-sparse (blocks of 64: 3 local, 1 global, every 4th) through
    the blockwise path at each length: forward+backward time, time per token, and the peak memory XLA
-   plans for the compiled program (arguments, outputs and temporaries); the masked einsum alongside
-   while its T x T buffers fit (its memory is reported from the compiled plan at every length).
+   plans for the compiled program (arguments, outputs and temporaries); impl="xla" alongside while its
+   saved probabilities fit (its memory is reported from the compiled plan at every length).
+
+3. `auto`'s CPU threshold: causal forward+backward at 4,096 tokens per batch (T 256 to 2048) of the
+   all-pairs einsum, impl="xla" and the blockwise path.
 
 Times are the median of --repeats calls after one untimed call (compilation); variants are interleaved
 so that load on a shared machine spreads over all of them.
@@ -25,7 +29,7 @@ import time
 
 QUICKSTART = dict(B=16, T=256, H=4, K=2, P=64)
 LONG = dict(B=1, H=4, K=2, P=64)  # one row: the longest sequences still fit and run in minutes on 2 cores
-XLA_MAX_T = 4096  # the masked einsum's [B, K, G, T, T] fp32 buffers at 16384: ~4 GiB each, several live at once
+XLA_MAX_T = 4096  # impl="xla" saves each kept block's probabilities: T^2 / 2 x H fp32 under causal, 2 GiB at 16384
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,13 +49,18 @@ def _inputs(B, T, H, K, P, seed=0):
 
 
 def _jax_fns(impl, mask, cotangent):
-    """(forward, forward+backward) as jitted functions of (q, k, v)."""
+    """(forward, forward+backward) as jitted functions of (q, k, v); impl "all pairs" is the masked einsum
+    over every T x T pair."""
+    import math
+
     import jax
     import jax.numpy as jnp
 
-    from effax.layers.attention import attention
+    from effax.layers.attention import _xla_attention, attention
 
     def forward(q, k, v):
+        if impl == "all pairs":
+            return _xla_attention(q, k, v, mask, 1 / math.sqrt(q.shape[-1]))
         return attention(q, k, v, mask=mask, impl=impl)
 
     def loss(q, k, v):
@@ -112,7 +121,7 @@ def quickstart_rows(repeats: int) -> tuple[list, str]:
 
     q, k, v, w = _inputs(**QUICKSTART)
     fns, note = {}, "torch not installed (pip install -e '.[bench]')"
-    for impl in ("xla", "blockwise"):
+    for impl in ("all pairs", "xla", "blockwise"):
         fns[f"{impl} forward"], fns[f"{impl} forward+backward"] = _jax_fns(impl, Mask(), w)
     try:
         fns["torch sdpa forward"], fns["torch sdpa forward+backward"], note = _torch_fns(w)
@@ -122,8 +131,21 @@ def quickstart_rows(repeats: int) -> tuple[list, str]:
     rows = []
     for name, seconds in times.items():
         kind = name.split(" ")[-1]
-        rows.append({"variant": name, "ms": 1e3 * seconds, "ratio_to_xla": seconds / times[f"xla {kind}"]})
+        rows.append({"variant": name, "ms": 1e3 * seconds, "ratio_to_all_pairs": seconds / times[f"all pairs {kind}"]})
     return rows, note
+
+
+def threshold_rows(repeats: int, lengths=(256, 512, 1024, 2048), tokens: int = 4096) -> list:
+    from effax.layers.attention import Mask
+
+    rows = []
+    for T in lengths:
+        q, k, v, w = _inputs(B=tokens // T, T=T, H=4, K=2, P=64)
+        fns = {impl: _jax_fns(impl, Mask(), w)[1] for impl in ("all pairs", "xla", "blockwise")}
+        times = _timed(fns, (q, k, v), repeats)
+        rows += [{"T": T, "B": tokens // T, "impl": impl, "ms": 1e3 * t, "ratio_to_all_pairs": t / times["all pairs"]}
+                 for impl, t in times.items()]
+    return rows
 
 
 def mask_rows(lengths: list[int], repeats: int) -> list:
@@ -139,9 +161,9 @@ def mask_rows(lengths: list[int], repeats: int) -> list:
             fns[name] = _jax_fns("blockwise", mask, w)[1]
             memory[name] = _planned_bytes(fns[name], (q, k, v))
         xla = _jax_fns("xla", Mask(), w)[1]
-        memory["causal, masked einsum"] = _planned_bytes(xla, (q, k, v))
+        memory["causal, xla impl"] = _planned_bytes(xla, (q, k, v))
         if T <= XLA_MAX_T:
-            fns["causal, masked einsum"] = xla
+            fns["causal, xla impl"] = xla
         times = _timed(fns, (q, k, v), repeats)
         for name in memory:
             seconds = times.get(name)
@@ -162,9 +184,14 @@ def main(argv: list[str]) -> int:
     print(f"effax bench attention on {device}")
     quick, torch_note = quickstart_rows(args.repeats)
     print(f"\nquickstart shape B16 T256 H4/KV2 P64 fp32 causal ({torch_note})")
-    print(f"{'variant':<30} {'ms':>9} {'ratio to xla':>13}")
+    print(f"{'variant':<30} {'ms':>9} {'ratio to all pairs':>19}")
     for r in quick:
-        print(f"{r['variant']:<30} {r['ms']:>9.1f} {r['ratio_to_xla']:>12.2f}x")
+        print(f"{r['variant']:<30} {r['ms']:>9.1f} {r['ratio_to_all_pairs']:>18.2f}x")
+    threshold = threshold_rows(args.repeats)
+    print("\ncausal forward+backward at 4,096 tokens per batch, H4/KV2 P64 fp32 (auto's CPU threshold)")
+    print(f"{'T':>6} {'B':>3} {'impl':<12} {'ms':>9} {'ratio to all pairs':>19}")
+    for r in threshold:
+        print(f"{r['T']:>6} {r['B']:>3} {r['impl']:<12} {r['ms']:>9.1f} {r['ratio_to_all_pairs']:>18.2f}x")
     masks = mask_rows(lengths, args.repeats)
     print(f"\nforward+backward, B1 H4/KV2 P64 fp32, blockwise unless named")
     print(f"{'T':>6} {'mask':<46} {'ms':>10} {'us/token':>9} {'ratio to causal':>16} {'planned MiB':>12}")
@@ -174,5 +201,6 @@ def main(argv: list[str]) -> int:
               f"{fmt(r['ratio_to_causal'], '15.2f')}x {r['planned_mib']:>12.1f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": device, "torch": torch_note, "quickstart": quick, "masks": masks}, f, indent=2)
+            json.dump({"device": device, "torch": torch_note, "quickstart": quick, "threshold": threshold, "masks": masks}, f,
+                      indent=2)
     return 0
