@@ -61,11 +61,12 @@ def test_flops_per_token_formula():
 @pytest.mark.parametrize("tie,kv_heads", [(True, 2), (False, 4)])
 def test_forward_flops_match_xla_cost_analysis(tie, kv_heads):
     # One layer: XLA's cost analysis counts a while loop's body once, whatever the trip count. The xla
-    # attention impl: the convention counts the full T x T score matmuls, which it computes; `auto` on CPU
-    # picks the blockwise impl, which skips the blocks above the diagonal (tests/layers/test_attention_blockwise.py).
+    # attention impl at T 64, one query block: the convention counts the full T x T score matmuls, which it
+    # then computes (past one block it skips the key blocks above the diagonal on CPU, and the blockwise impl
+    # does too: tests/layers/test_attention_masks.py, tests/layers/test_attention_blockwise.py).
     cfg = DenseConfig(vocab_size=256, d_model=128, n_layers=1, n_heads=4, n_kv_heads=kv_heads, d_ff=384, tie_embeddings=tie,
                       attention_impl="xla")
-    B, T = 2, 128
+    B, T = 2, 64
     model = Dense(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     compiled = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0]).lower(state, jnp.zeros((B, T), jnp.int32)).compile()
