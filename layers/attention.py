@@ -141,8 +141,8 @@ def _xla_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float, block: int 
 def _xla_spans_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float, spans) -> jax.Array:
     """The masked einsum, one query block at a time over the keys of its span (`_key_spans`): under a causal
     mask at T 256 in blocks of 64, 10 of the 16 blocks' work. Every row's visible keys lie in its span, so
-    each softmax is the whole row's. Layout [B, K, T, G, P], q scaled once: a query block is then one
-    contiguous slice, which measured faster in the CPU training step than [B, K, G, T, P]
+    each softmax is the whole row's. Layout [B, K, T, G, P], q scaled once (in q's dtype: for half-precision
+    q a rounding of the size q already carries): a query block is then one contiguous slice, which measured faster in the CPU training step than [B, K, G, T, P]
     (docs/benchmarks.md). The einsums are unrolled, one per query block: `xla_query_block` keeps them few."""
     B, T, H, P = q_BTHP.shape
     K = k_BTKP.shape[2]
@@ -304,11 +304,12 @@ def choose_impl(q_BTHP, mask: Mask) -> str:
     saved). Otherwise the masked einsum: on GPU without cuDNN and on TPU the blockwise path is unmeasured."""
     if _cudnn_ok(q_BTHP, mask):
         return "cudnn"
-    T, K = q_BTHP.shape[1], q_BTHP.shape[2]
+    T, H = q_BTHP.shape[1], q_BTHP.shape[2]
     if jax.default_backend() != "cpu" or T <= xla_query_block(T):
         return "xla"
     packed = mask.segment_ids_BT is not None
-    if T <= XLA_UP_TO and _spans_overhead(mask.static, T, K, xla_query_block(T), packed) <= 1.5:
+    # The kv heads are not known here; the spans are a union over heads, which their grouping does not change.
+    if T <= XLA_UP_TO and _spans_overhead(mask.static, T, H, xla_query_block(T), packed) <= 1.5:
         return "xla"
     return "blockwise"
 
