@@ -115,7 +115,8 @@ def _xla_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float, block: int 
 
     With `block` (what `attention` passes on CPU: `xla_query_block`) and T past one block, queries go in
     blocks and each block's einsum covers only the keys from its first to its last kept key block
-    (`_xla_spans_attention`)."""
+    (`_xla_spans_attention`). The one-block form below is kept apart: routed through the spans' layout it
+    lost the dense model's bit-identity with the pre-skeleton model (tests/models/test_dense_skeleton_equivalence.py)."""
     B, T, H, P = q_BTHP.shape
     K = k_BTKP.shape[2]
     if block is not None and block < T:
@@ -179,15 +180,24 @@ def xla_query_block(T: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
+def _kept_blocks(static: tuple, T: int, heads: int, block: int, packed: bool) -> np.ndarray | None:
+    """bool [query blocks, key blocks]: `masks.block_visible` for any head, or None where no block table
+    exists (global rows of packed documents)."""
+    try:
+        return block_visible(Mask(*static), T, block, block, packed=packed, kv_heads=heads).any(axis=0)
+    except NotImplementedError:
+        return None
+
+
+@functools.lru_cache(maxsize=256)
 def _key_spans(static: tuple, T: int, kv_heads: int, block: int, packed: bool) -> tuple[tuple[int, int, int, int], ...]:
     """(query lo, query hi, key lo, key hi) per query block: from the first to the last key block the mask
-    keeps for it (`masks.block_visible`, any kv head; packed documents use its superset, and with anchor
-    tokens the span starts at key 0, where a document's sinks or global blocks may lie)."""
-    mask = Mask(*static)
-    try:
-        has_QK = block_visible(mask, T, block, block, packed=packed, kv_heads=kv_heads).any(axis=0)
-    except NotImplementedError:  # global rows of packed documents have no block table: every pair, one einsum
+    keeps for it (`_kept_blocks`; packed documents use its superset, and with anchor tokens the span starts
+    at key 0, where a document's sinks or global blocks may lie). Without a block table: every pair, one einsum."""
+    has_QK = _kept_blocks(static, T, kv_heads, block, packed)
+    if has_QK is None:
         return ((0, T, 0, T),)
+    anchored = packed and Mask(*static).anchor
     spans = []
     for i, row in enumerate(has_QK):
         kept = np.flatnonzero(row)
@@ -195,18 +205,17 @@ def _key_spans(static: tuple, T: int, kv_heads: int, block: int, packed: bool) -
         if kept.size == 0:
             spans.append((q_lo, q_hi, 0, 0))
             continue
-        k_lo = 0 if packed and mask.anchor else int(kept[0]) * block
+        k_lo = 0 if anchored else int(kept[0]) * block
         spans.append((q_lo, q_hi, k_lo, min(T, (int(kept[-1]) + 1) * block)))
     return tuple(spans)
 
 
-@functools.lru_cache(maxsize=256)
 def _spans_overhead(static: tuple, T: int, kv_heads: int, block: int, packed: bool) -> float:
     """Query-key pairs the spans compute over those of the kept blocks (1.0: no block computed in vain)."""
-    if _key_spans(static, T, kv_heads, block, packed) == ((0, T, 0, T),):
-        return 1.0  # one einsum over every pair (also where no block table exists)
-    kept = block_visible(Mask(*static), T, block, block, packed=packed, kv_heads=kv_heads).any(axis=0)
-    kept_pairs = sum(min(block, T - i * block) * min(block, T - j * block) for i, j in zip(*np.nonzero(kept)))
+    has_QK = _kept_blocks(static, T, kv_heads, block, packed)
+    if has_QK is None:
+        return 1.0  # one einsum over every pair
+    kept_pairs = sum(min(block, T - i * block) * min(block, T - j * block) for i, j in zip(*np.nonzero(has_QK)))
     computed = sum((q_hi - q_lo) * (k_hi - k_lo) for q_lo, q_hi, k_lo, k_hi in _key_spans(static, T, kv_heads, block, packed))
     return computed / max(kept_pairs, 1)
 
