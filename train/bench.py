@@ -23,7 +23,7 @@ HELP = """\
 Time the training step of CONFIG (and of each --vary value) and print a table: ms per step, tokens/s,
 model TFLOP/s (from the model's own flops_per_token) and MFU where the device's peak is known, and the
 ratio to the first row. Warm-up steps (compilation included) are not timed; the figure is the median
-of --repeats timed blocks of --steps steps.
+of --repeats timed blocks of --steps steps. With --interleave the blocks alternate between the variants.
 """
 
 
@@ -42,17 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    p.add_argument("--interleave", action="store_true",
+                   help="compile every variant first, then alternate their timed blocks (fairer ratios on a noisy "
+                        "machine; holds every variant's state at once)")
     p.add_argument("--out", help="also write the rows as JSON to this file")
     return p
 
 
-@contextlib.contextmanager
-def trainer_and_batches(cfg, n_batches: int = 4):
-    """The loop's own trainer for `cfg` on the mesh its config asks for, and `n_batches` real batches on the
-    devices; yields (cfg with its vocabulary filled in, trainer, batches) inside the mesh and logical-axis
-    rules (bench model and bench profile time the same step)."""
+def _setup(cfg, n_batches: int = 4):
+    """(cfg with its vocabulary filled in, the loop's own trainer, mesh, rules, `n_batches` host batches)."""
     import jax
-    from flax import nnx
 
     from effax.train import data as data_lib
     from effax.train import loop
@@ -65,34 +64,83 @@ def trainer_and_batches(cfg, n_batches: int = 4):
     trainer = loop.build_trainer(cfg, mesh, rules)
     batches = data_lib.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                       process_index=jax.process_index(), process_count=jax.process_count())
+    return cfg, trainer, mesh, rules, [next(batches) for _ in range(n_batches)]
+
+
+@contextlib.contextmanager
+def _in(mesh, rules):
+    import jax
+    from flax import nnx
+
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        yield cfg, trainer, [trainer.to_global(next(batches)) for _ in range(n_batches)]
+        yield
+
+
+@contextlib.contextmanager
+def trainer_and_batches(cfg, n_batches: int = 4):
+    """The loop's own trainer for `cfg` on the mesh its config asks for, and `n_batches` real batches on the
+    devices; yields (cfg with its vocabulary filled in, trainer, batches) inside the mesh and logical-axis
+    rules (bench model and bench profile time the same step)."""
+    cfg, trainer, mesh, rules, batches = _setup(cfg, n_batches)
+    with _in(mesh, rules):
+        yield cfg, trainer, [trainer.to_global(b) for b in batches]
+
+
+class _Timed:
+    """One variant's train step, compiled and warmed up, timed a block of steps at a time."""
+
+    def __init__(self, cfg, warmup: int):
+        import jax
+
+        self.cfg, self.trainer, mesh, rules, batches = _setup(cfg)
+        self.context = lambda: _in(mesh, rules)
+        self.times = []
+        with self.context():
+            self.batches = [self.trainer.to_global(b) for b in batches]
+            self.state = self.trainer.init_state()
+            for i in range(warmup):
+                self.state, self.metrics = self.trainer.train_step(self.state, self.batches[i % 4])
+            jax.block_until_ready(self.metrics)
+
+    def block(self, steps: int) -> None:
+        import jax
+
+        with self.context():
+            start = time.perf_counter()
+            for i in range(steps):
+                self.state, self.metrics = self.trainer.train_step(self.state, self.batches[i % 4])
+            jax.block_until_ready(self.metrics)
+            self.times.append((time.perf_counter() - start) / steps)
+
+    def row(self) -> dict:
+        import jax
+
+        from effax.train import metrics as metrics_lib
+
+        cfg, step_s = self.cfg, sorted(self.times)[len(self.times) // 2]
+        tokens = cfg.train.batch_size * cfg.data.seq_len
+        flops = tokens * cfg.model.flops_per_token(cfg.data.seq_len) / step_s
+        peak = metrics_lib.peak_flops()
+        return {"ms_per_step": 1e3 * step_s, "tokens_per_s": tokens / step_s, "model_tflops": flops / 1e12,
+                "mfu": flops / (peak * jax.device_count()) if peak else None, "loss": float(self.metrics["loss"]),
+                "params_m": cfg.model.param_count() / 1e6}
 
 
 def time_config(cfg, *, steps: int, repeats: int, warmup: int) -> dict:
-    import jax
+    timed = _Timed(cfg, warmup)
+    for _ in range(repeats):
+        timed.block(steps)
+    return timed.row()
 
-    from effax.train import metrics as metrics_lib
 
-    with trainer_and_batches(cfg) as (cfg, trainer, device_batches):
-        state = trainer.init_state()
-        for i in range(warmup):
-            state, metrics = trainer.train_step(state, device_batches[i % 4])
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for i in range(steps):
-                state, metrics = trainer.train_step(state, device_batches[i % 4])
-            jax.block_until_ready(metrics)
-            times.append((time.perf_counter() - start) / steps)
-    step_s = sorted(times)[len(times) // 2]
-    tokens = cfg.train.batch_size * cfg.data.seq_len
-    flops = tokens * cfg.model.flops_per_token(cfg.data.seq_len) / step_s
-    peak = metrics_lib.peak_flops()
-    return {"ms_per_step": 1e3 * step_s, "tokens_per_s": tokens / step_s, "model_tflops": flops / 1e12,
-            "mfu": flops / (peak * jax.device_count()) if peak else None, "loss": float(metrics["loss"]),
-            "params_m": cfg.model.param_count() / 1e6}
+def time_interleaved(configs, *, steps: int, repeats: int, warmup: int) -> list[dict]:
+    """Every variant compiled and warmed up first (all their states held at once), then the timed blocks
+    alternate between the variants, so that load on a shared machine spreads over every row."""
+    timed = [_Timed(cfg, warmup) for cfg in configs]
+    for _ in range(repeats):
+        for t in timed:
+            t.block(steps)
+    return [t.row() for t in timed]
 
 
 def vary_axis(item: str) -> list[list[str]]:
@@ -150,9 +198,11 @@ def main(argv: list[str]) -> int:
     rows = []
     header = f"{'variant':<40} {'params':>8} {'ms/step':>9} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'ratio':>7}"
     print(header)
-    for variant, cfg in zip(variants, configs):
-        row = {"variant": " ".join(variant) or "(as configured)", **time_config(cfg, steps=args.steps,
-                                                                                repeats=args.repeats, warmup=args.warmup)}
+    timing = dict(steps=args.steps, repeats=args.repeats, warmup=args.warmup)
+    # Interleaved: every row is timed before any is printed; otherwise each row as soon as it is measured.
+    measured = iter(time_interleaved(configs, **timing)) if args.interleave else (time_config(c, **timing) for c in configs)
+    for variant, figures in zip(variants, measured):
+        row = {"variant": " ".join(variant) or "(as configured)", **figures}
         row["ratio"] = rows[0]["ms_per_step"] / row["ms_per_step"] if rows else 1.0
         rows.append(row)
         mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "-"

@@ -37,6 +37,19 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the run stops without checkpointing the poisoned state."""
 
 
+# XLA:CPU (jax 0.10) hands dots to YNNPACK by default; XLA's own Eigen dots ran this machine's fp32 matmuls ~1.4x
+# faster ([4096, 256] x [256, 704]: 6.5-8.0 ms against 9.5-10.9; PyTorch 6.6) and the quickstart train step in
+# ~0.93x the time. So with train.cpu_dots="xla" (the default) the steps keep YNNPACK for reductions only
+# (docs/benchmarks.md, "Matmuls on XLA:CPU"); the other backends get no options.
+CPU_DOTS_OPTIONS = {"xla": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}, "ynnpack": None}
+
+
+def compiler_options(cpu_dots: str = "xla") -> dict | None:
+    """The XLA options the loop's train and eval steps compile with (train.cpu_dots; CPU only)."""
+    options = CPU_DOTS_OPTIONS[cpu_dots]
+    return dict(options) if options and jax.default_backend() == "cpu" else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # The loss and the step (pure functions of the state)
 
@@ -227,8 +240,10 @@ def build_trainer(cfg: config_lib.Config, mesh, rules) -> Trainer:
                                     abstract_state, state_shardings),
         init_state=jax.jit(init_state, out_shardings=state_shardings),
         train_step=jax.jit(make_train_step(shaped[0], tx, lr_schedule, cfg), in_shardings=(state_shardings, batch_sharding),
-                           out_shardings=(state_shardings, None), donate_argnums=(0,)),
-        eval_step=jax.jit(make_eval_step(shaped[0]), in_shardings=(state_shardings, batch_sharding)),
+                           out_shardings=(state_shardings, None), donate_argnums=(0,),
+                           compiler_options=compiler_options(cfg.train.cpu_dots)),
+        eval_step=jax.jit(make_eval_step(shaped[0]), in_shardings=(state_shardings, batch_sharding),
+                          compiler_options=compiler_options(cfg.train.cpu_dots)),
         batch_sharding=batch_sharding,
     )
 

@@ -18,12 +18,34 @@ def test_vary_zips_the_keys_it_is_given_together():
         vary_axis("data.seq_len=32,64 train.batch_size=4")
 
 
+def test_interleave_alternates_the_timed_blocks(monkeypatch):
+    """--interleave sets every variant up first, then times block 1 of each, block 2 of each, ..."""
+    from effax.train import bench
+
+    calls = []
+
+    class Timed:
+        def __init__(self, cfg, warmup):
+            self.cfg = cfg
+            calls.append(("set up", cfg))
+
+        def block(self, steps):
+            calls.append(("block", self.cfg))
+
+        def row(self):
+            return {"cfg": self.cfg}
+
+    monkeypatch.setattr(bench, "_Timed", Timed)
+    assert bench.time_interleaved(["a", "b"], steps=1, repeats=2, warmup=0) == [{"cfg": "a"}, {"cfg": "b"}]
+    assert calls == [("set up", "a"), ("set up", "b"), ("block", "a"), ("block", "b"), ("block", "a"), ("block", "b")]
+
+
 @pytest.mark.slow  # ~20 s: two train steps compiled in a subprocess; by default, the --vary parsing above
 def test_bench_model_table(repo, tmp_path):
     out_json = tmp_path / "bench.json"
     out = subprocess.run([sys.executable, "-m", "effax.cli", "bench", "model", "experiments/quickstart.py:smoke",
                           "--set", "mesh.data=1", "--vary", "data.seq_len=32,64 train.batch_size=4,2", "--steps", "1", "--repeats", "1",
-                          "--warmup", "1", "--out", str(out_json)],
+                          "--warmup", "1", "--interleave", "--out", str(out_json)],
                          cwd=repo, capture_output=True, text=True, env={"XLA_FLAGS": xla_flags(1),
                                                                         "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]

@@ -251,3 +251,20 @@ def test_signal_during_start_up_still_saves(tmp_path, monkeypatch):
     assert loop.train(cfg, str(tmp_path), quiet=True) == 143
     assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [1]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handlers are gone again
+
+
+def test_cpu_dots_choose_the_matmul_kernels():
+    """train.cpu_dots="xla" (the default) compiles the loop's steps with `loop.CPU_DOTS_OPTIONS["xla"]`: XLA
+    accepts the option (a name or value it does not know raises here), and a matmul that goes to a YNNPACK
+    fusion under "ynnpack" (XLA's default) goes to XLA's own dot (docs/benchmarks.md, "Matmuls on XLA:CPU")."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = jnp.ones((256, 128)), jnp.ones((128, 64))
+
+    def compiled(options):
+        return jax.jit(lambda a, b: a @ b, compiler_options=options).lower(a, b).compile().as_text()
+
+    assert config_lib.TrainConfig().cpu_dots == "xla" and loop.compiler_options("ynnpack") is None
+    assert "__ynn_fusion" in compiled(loop.compiler_options("ynnpack"))
+    assert "__ynn_fusion" not in compiled(loop.compiler_options("xla"))
