@@ -2,11 +2,13 @@
 
     effax bench attention [--lengths 1024,4096,16384] [--repeats 5] [--out FILE.json]
 
-Two tables:
+Three tables:
 1. The quickstart shape (B16 T256 H4/KV2 P64, fp32, causal): forward and forward+backward of the masked
    einsum over all T x T pairs (the xla impl before it skipped blocks), impl="xla" (on CPU: each query
-   block over its key span), the blockwise path, and PyTorch's `scaled_dot_product_attention` (when torch
-   is installed: `pip install -e '.[bench]'`), with ratios to the all-pairs einsum measured in the same run.
+   block over its key span), the blockwise path, the xla impl's einsums alone without mask or softmax
+   ("span einsums only": a floor for that schedule, not attention), and PyTorch's
+   `scaled_dot_product_attention` (when torch is installed: `pip install -e '.[bench]'`), with ratios to
+   the all-pairs einsum measured in the same run.
 2. Causal vs sliding window (512) vs block-sparse (blocks of 64: 3 local, 1 global, every 4th) through
    the blockwise path at each length: forward+backward time, time per token, and the peak memory XLA
    plans for the compiled program (arguments, outputs and temporaries); impl="xla" alongside while its
@@ -15,8 +17,9 @@ Two tables:
 3. `auto`'s CPU threshold: causal forward+backward at 4,096 tokens per batch (T 256 to 2048) of the
    all-pairs einsum, impl="xla" and the blockwise path.
 
-Times are the median of --repeats calls after one untimed call (compilation); variants are interleaved
-so that load on a shared machine spreads over all of them.
+Everything is compiled as the training loop compiles its step (`loop.compiler_options`: on CPU, XLA's own
+dots). Times are the median of --repeats calls after one untimed call (compilation); variants are
+interleaved so that load on a shared machine spreads over all of them.
 """
 
 from __future__ import annotations
@@ -48,25 +51,48 @@ def _inputs(B, T, H, K, P, seed=0):
             jax.random.normal(kw, (B, T, H, P)))
 
 
+def _spans_einsums_only(q_BTHP, k_BTKP, v_BTKP, mask):
+    """The xla impl's two einsums per query block over its key span, with no mask and no softmax (the logits
+    go straight into the AV einsum): a floor for any softmax on that schedule, not attention."""
+    import jax.numpy as jnp
+
+    from effax.layers.attention import _key_spans, xla_query_block
+
+    B, T, H, P = q_BTHP.shape
+    K = k_BTKP.shape[2]
+    q = q_BTHP.reshape(B, T, K, H // K, P).transpose(0, 2, 1, 3, 4)
+    k, v = k_BTKP.transpose(0, 2, 1, 3), v_BTKP.transpose(0, 2, 1, 3)
+    outs = []
+    for q_lo, q_hi, k_lo, k_hi in _key_spans(mask.static, T, K, xla_query_block(T), False):
+        s = jnp.einsum("bktgd,bksd->bktgs", q[:, :, q_lo:q_hi], k[:, :, k_lo:k_hi])
+        outs.append(jnp.einsum("bktgs,bksd->bktgd", s, v[:, :, k_lo:k_hi]))
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4).reshape(B, T, H, P)
+
+
 def _jax_fns(impl, mask, cotangent):
-    """(forward, forward+backward) as jitted functions of (q, k, v); impl "all pairs" is the masked einsum
-    over every T x T pair."""
+    """(forward, forward+backward) as jitted functions of (q, k, v), compiled as the training loop compiles
+    its step (`loop.compiler_options`); impl "all pairs" is the masked einsum over every T x T pair, "span
+    einsums only" `_spans_einsums_only`."""
     import math
 
     import jax
     import jax.numpy as jnp
 
     from effax.layers.attention import _xla_attention, attention
+    from effax.train import loop
 
     def forward(q, k, v):
         if impl == "all pairs":
             return _xla_attention(q, k, v, mask, 1 / math.sqrt(q.shape[-1]))
+        if impl == "span einsums only":
+            return _spans_einsums_only(q, k, v, mask)
         return attention(q, k, v, mask=mask, impl=impl)
 
     def loss(q, k, v):
         return jnp.sum(forward(q, k, v) * cotangent)
 
-    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    options = loop.compiler_options()
+    return jax.jit(forward, compiler_options=options), jax.jit(jax.grad(loss, argnums=(0, 1, 2)), compiler_options=options)
 
 
 def _torch_fns(cotangent):
@@ -121,7 +147,7 @@ def quickstart_rows(repeats: int) -> tuple[list, str]:
 
     q, k, v, w = _inputs(**QUICKSTART)
     fns, note = {}, "torch not installed (pip install -e '.[bench]')"
-    for impl in ("all pairs", "xla", "blockwise"):
+    for impl in ("all pairs", "xla", "blockwise", "span einsums only"):
         fns[f"{impl} forward"], fns[f"{impl} forward+backward"] = _jax_fns(impl, Mask(), w)
     try:
         fns["torch sdpa forward"], fns["torch sdpa forward+backward"], note = _torch_fns(w)
