@@ -134,11 +134,9 @@ def _timed(fns: dict, args, repeats: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _planned_bytes(fn, args) -> int:
+def _planned_bytes(jitted, args) -> int:
     """Peak memory XLA plans for the compiled program: arguments + outputs + temporaries."""
-    import jax
-
-    m = jax.jit(fn).lower(*args).compile().memory_analysis()
+    m = jitted.lower(*args).compile().memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
 
 

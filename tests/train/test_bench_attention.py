@@ -29,3 +29,13 @@ def test_span_einsums_only_row_is_the_spans_products_without_softmax():
     for lo, hi, keys in ((0, 64, 64), (64, 128, 128)):
         logits = np.einsum("thd,shd->hts", np.asarray(q)[0, lo:hi], kh[0, :keys])
         np.testing.assert_allclose(out[0, lo:hi], np.einsum("hts,shd->thd", logits, vh[0, :keys]), rtol=1e-5, atol=1e-4)
+
+
+def test_mask_table_runs_at_a_small_length():
+    """The mask table's rows at T 128 (one row, blocks of 64): each variant timed once, with XLA's planned memory
+    for its compiled program (the jitted functions carry the loop's compiler options)."""
+    from effax.train.bench_attention import mask_rows
+
+    rows = mask_rows([128], repeats=1)
+    assert [r["mask"] for r in rows][-1] == "causal, xla impl" and len(rows) == 4
+    assert all(r["ms"] > 0 and r["planned_mib"] > 0 for r in rows)
