@@ -54,8 +54,8 @@ class TrainConfig:
     sample_tokens: int = 200
     sample_temperature: float = 0.0  # 0: greedy; else sampled (seed train.seed) at this temperature ...
     sample_top_p: float = 1.0  # ... from the smallest set of tokens holding this much probability (nucleus)
-    # XLA:CPU's matmul kernels: "xla", its own (Eigen) dots, ~1.4x faster than "ynnpack" (XLA's default, YNNPACK)
-    # on the 2-core development machine; other backends ignore it (train/loop.py `compiler_options`)
+    # XLA:CPU's matmul kernels: "xla", its own (Eigen) dots, faster on the 2-core development machine than
+    # "ynnpack" (XLA's default, YNNPACK); other backends ignore it (train/loop.py `compiler_options`)
     cpu_dots: Literal["xla", "ynnpack"] = "xla"
 
 

@@ -37,10 +37,10 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient norm; the run stops without checkpointing the poisoned state."""
 
 
-# XLA:CPU (jax 0.10) hands dots to YNNPACK by default; XLA's own Eigen dots ran this machine's fp32 matmuls ~1.4x
-# faster ([4096, 256] x [256, 704]: 6.5-8.0 ms against 9.5-10.9; PyTorch 6.6) and the quickstart train step in
-# ~0.93x the time. So with train.cpu_dots="xla" (the default) the steps keep YNNPACK for reductions only
-# (docs/benchmarks.md, "Matmuls on XLA:CPU"); the other backends get no options.
+# XLA:CPU (jax 0.10) hands dots to YNNPACK by default; XLA's own (Eigen) dots ran this machine's fp32 matmuls
+# faster, and whole train steps in 0.85-0.96x the time (quickstart, MoE, MoR, hybrid; docs/benchmarks.md, "Matmuls
+# on XLA:CPU"). So with train.cpu_dots="xla" (the default) the steps keep YNNPACK for reductions only; "ynnpack"
+# compiles with XLA's defaults. The other backends get no options.
 CPU_DOTS_OPTIONS = {"xla": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}, "ynnpack": None}
 
 
