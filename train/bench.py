@@ -94,7 +94,7 @@ class _Timed:
 
         self.cfg, self.trainer, mesh, rules, batches = _setup(cfg)
         self.context = lambda: _in(mesh, rules)
-        self.times = []
+        self.times, self.metrics = [], None  # --warmup 0: nothing to wait for before the first block
         with self.context():
             self.batches = [self.trainer.to_global(b) for b in batches]
             self.state = self.trainer.init_state()
