@@ -63,3 +63,17 @@ def test_profile_of_the_smoke_train_step(repo, monkeypatch, capsys, tmp_path):
 
     result = json.loads(out.read_text())
     assert result["op_ms"] > 0 and sum(r["ms"] for r in result["by_part"]) == pytest.approx(result["op_ms"])
+
+
+def test_a_profile_that_misses_most_of_the_wall_time_says_so(repo, monkeypatch, capsys):
+    """XLA:CPU's own dots (train.cpu_dots=xla) run outside the traced op times: when the ops cover under 80% of
+    the wall time, the command says how to profile a build whose dots are traced."""
+    result = {"wall_ms": 100.0, "op_ms": 45.0, "by_part": [{"part": "other", "pass": "forward", "ms": 45.0}],
+              "by_kind": [{"kind": "other", "pass": "forward", "ms": 45.0}]}
+    monkeypatch.setattr(bench_profile, "profile", lambda cfg, steps, warmup: dict(result))
+    monkeypatch.chdir(repo)
+    assert bench_profile.main(["experiments/quickstart.py:smoke"]) == 0
+    assert "cover only 45% of the wall time" in capsys.readouterr().out
+    result["op_ms"] = 95.0
+    assert bench_profile.main(["experiments/quickstart.py:smoke"]) == 0
+    assert "cover only" not in capsys.readouterr().out
