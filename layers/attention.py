@@ -143,8 +143,9 @@ def _xla_spans_attention(q_BTHP, k_BTKP, v_BTKP, mask: Mask, scale: float, spans
     """The masked einsum, one query block at a time over the keys of its span (`_key_spans`): under a causal
     mask at T 256 in blocks of 64, 10 of the 16 blocks' work. Every row's visible keys lie in its span, so
     each softmax is the whole row's. Layout [B, K, T, G, P], q scaled once (in q's dtype: for half-precision
-    q a rounding of the size q already carries): a query block is then one contiguous slice, which measured faster in the CPU training step than [B, K, G, T, P]
-    (docs/benchmarks.md). The einsums are unrolled, one per query block: `xla_query_block` keeps them few."""
+    q a rounding of the size q already carries): a query block is then one contiguous slice, which measured
+    faster in the CPU training step than [B, K, G, T, P] (docs/benchmarks.md). The einsums are unrolled, one
+    per query block: `xla_query_block` keeps them few."""
     B, T, H, P = q_BTHP.shape
     K = k_BTKP.shape[2]
     G = H // K

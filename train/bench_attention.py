@@ -13,7 +13,6 @@ Three tables:
    the blockwise path at each length: forward+backward time, time per token, and the peak memory XLA
    plans for the compiled program (arguments, outputs and temporaries); impl="xla" alongside while its
    saved probabilities fit (its memory is reported from the compiled plan at every length).
-
 3. `auto`'s CPU threshold: causal forward+backward at 4,096 tokens per batch (T 256 to 2048) of the
    all-pairs einsum, impl="xla" and the blockwise path.
 

@@ -4,6 +4,7 @@ go through the real `effax train` command."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -268,3 +269,32 @@ def test_cpu_dots_choose_the_matmul_kernels():
     assert config_lib.TrainConfig().cpu_dots == "xla" and loop.compiler_options("ynnpack") is None
     assert "__ynn_fusion" in compiled(loop.compiler_options("ynnpack"))
     assert "__ynn_fusion" not in compiled(loop.compiler_options("xla"))
+
+
+def _ynnpack_dots(hlo: str) -> int:
+    """How many YNNPACK fusions of a compiled program contain a dot."""
+    called = re.findall(r'calls=%([\w.\-]+)[^\n]*"__ynn_fusion"', hlo)
+    bodies = (re.search(r"\n%" + re.escape(name) + r" [^\n]*\{\n(.*?)\n\}", hlo, re.S) for name in called)
+    return sum(" dot(" in body.group(1) for body in bodies if body)
+
+
+def test_the_loop_compiles_its_train_step_with_train_cpu_dots():
+    """The config key reaches the loop's jitted train step: the smoke model's matmuls are YNNPACK fusions under
+    "ynnpack" and none is under "xla" (the default)."""
+    import jax
+    from flax import nnx
+
+    from effax.train import data as data_lib
+    from effax.train import mesh as mesh_lib
+
+    dots = {}
+    for cpu_dots in ("ynnpack", "xla"):
+        cfg = config_lib.resolve(SMOKE, ["mesh.data=1", f"train.cpu_dots={cpu_dots}"])
+        cfg = loop.resolve_vocab(cfg, data_lib.tokenizer_for(cfg.data))
+        mesh, rules = mesh_lib.make_mesh(cfg.mesh, devices=jax.devices()[:1]), mesh_lib.rules(cfg.mesh)
+        trainer = loop.build_trainer(cfg, mesh, rules)
+        batch = next(data_lib.train_iterator(cfg.data, batch_size=cfg.train.batch_size, seed=0))
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            hlo = trainer.train_step.lower(trainer.abstract_state, trainer.to_global(batch)).compile().as_text()
+        dots[cpu_dots] = _ynnpack_dots(hlo)
+    assert dots["ynnpack"] > 0 and dots["xla"] == 0, dots
