@@ -148,10 +148,10 @@ def _eval_step(graphdef, params, other, batch):
 
 
 @functools.cache
-def _jit_eval_step(cpu_dots: str):
+def _jit_eval_step(cpu_dots: str, cpu_buffers: str):
     """The graph definition is static and hashable: models of one architecture (watch mode) share a compile.
-    Compiled as the run's own eval step (its train.cpu_dots), so the figures are the training run's."""
-    return jax.jit(_eval_step, static_argnums=0, compiler_options=loop.compiler_options(cpu_dots))
+    Compiled as the run's own eval step (its train.cpu_dots and cpu_buffers), so the figures are the training run's."""
+    return loop.step_jit(_eval_step, cpu_dots, cpu_buffers, static_argnums=0)
 
 
 def score(ctx, windows, batch_size: int, num_batches: int | None) -> dict:
@@ -177,7 +177,7 @@ def score(ctx, windows, batch_size: int, num_batches: int | None) -> dict:
         for b in tqdm(batches(windows, batch_size, num_batches, jax.process_index(), jax.process_count()),
                       total=total, desc=windows.name, unit="batch", disable=not shown, leave=False):
             batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in b.items()}
-            out = _jit_eval_step(ctx.cfg.train.cpu_dots)(graphdef, params, other, batch)
+            out = _jit_eval_step(ctx.cfg.train.cpu_dots, ctx.cfg.train.cpu_buffers)(graphdef, params, other, batch)
             if pending is not None:
                 fetch(pending)  # the previous batch's sums, while this one runs
             pending, n = out, n + 1

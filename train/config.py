@@ -57,6 +57,11 @@ class TrainConfig:
     # XLA:CPU's matmul kernels: "xla", its own (Eigen) dots, faster on the 2-core development machine than
     # "ynnpack" (XLA's default, YNNPACK); other backends ignore it (train/loop.py `compiler_options`)
     cpu_dots: Literal["xla", "ynnpack"] = "xla"
+    # XLA:CPU's per-step scratch memory: "reuse" splits it into heaps that glibc's malloc keeps between steps
+    # (the step no longer maps and zero-fills fresh pages each time; more resident memory); "xla" keeps XLA's one
+    # scratch allocation and the allocator's defaults. Off while JAX's persistent compilation cache is on, and on
+    # other backends (train/loop.py `split_scratch`)
+    cpu_buffers: Literal["reuse", "xla"] = "reuse"
 
 
 @dataclasses.dataclass(frozen=True)

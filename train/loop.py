@@ -10,10 +10,16 @@ validation and checkpoints at their intervals (after the step's figures are chec
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import functools
 import math
 import os
+import platform
 import signal
+import sys
+import tempfile
 import time
 
 import jax
@@ -43,11 +49,99 @@ class TrainingDiverged(RuntimeError):
 # compiles with XLA's defaults. The other backends get no options.
 CPU_DOTS_OPTIONS = {"xla": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}, "ynnpack": None}
 
+# XLA:CPU allocates a step's scratch as one block (650 MB for the quickstart at batch 16). glibc serves a block
+# that large with a fresh mmap and unmaps it on free, so every step page-faulted and zero-filled it anew: 17% of
+# the step's time in the kernel (perf, docs/benchmarks.md "Step scratch memory on XLA:CPU"). train.cpu_buffers=
+# "reuse" has XLA split the scratch into heaps of at most 16 MiB, under the 32 MiB (glibc's largest) mmap
+# threshold that `keep_freed_host_memory` sets, so the allocator serves them from its arenas and keeps them.
+CPU_BUFFERS_OPTIONS = {"reuse": {"xla_multiheap_size_constraint_per_heap": 16 << 20}, "xla": None}
+_MALLOPT = {-3: 32 << 20, -1: 1 << 30, -2: 64 << 20}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD (malloc.h)
 
-def compiler_options(cpu_dots: str = "xla") -> dict | None:
-    """The XLA options the loop's train and eval steps compile with (train.cpu_dots; CPU only)."""
-    options = CPU_DOTS_OPTIONS[cpu_dots]
-    return dict(options) if options and jax.default_backend() == "cpu" else None
+
+@functools.cache
+def keep_freed_host_memory() -> bool:
+    """Tunes glibc's malloc, once per process, to keep what it frees: blocks under 32 MiB come from its arenas
+    (not mmap), up to 1 GiB free at a heap's top is not returned, and 64 MiB of padding keeps a thread arena's
+    emptied heaps from being unmapped. The process's resident memory then stays near its peak, as a caching
+    allocator's does. False (nothing done) off glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return all(libc.mallopt(param, value) == 1 for param, value in _MALLOPT.items())
+
+
+def split_scratch(cpu_buffers: str) -> bool:
+    """Whether steps compile with the split scratch: cpu_buffers="reuse" on CPU, unless JAX's persistent
+    compilation cache is on (XLA:CPU cannot serialize an executable with more than one scratch allocation, so
+    the cache would never hold the step; the test suite's shared cache is one such case)."""
+    return CPU_BUFFERS_OPTIONS[cpu_buffers] is not None and jax.default_backend() == "cpu" \
+        and not jax.config.jax_compilation_cache_dir
+
+
+def compiler_options(cpu_dots: str = "xla", cpu_buffers: str = "reuse") -> dict | None:
+    """The XLA options the loop's train and eval steps compile with (train.cpu_dots and train.cpu_buffers;
+    CPU only). With the split scratch it also calls `keep_freed_host_memory`, which the split needs."""
+    if jax.default_backend() != "cpu":
+        return None
+    options = dict(CPU_DOTS_OPTIONS[cpu_dots] or {})
+    if split_scratch(cpu_buffers):
+        options.update(CPU_BUFFERS_OPTIONS[cpu_buffers])
+        keep_freed_host_memory()
+    return options or None
+
+
+_HEAP_LIMIT_WARNING = "larger than the per-heap size limit"
+
+
+@contextlib.contextmanager
+def without_heap_limit_warnings():
+    """Holds back this process's stderr (file descriptor 2) and replays it without XLA's per-heap-limit warnings.
+
+    A buffer larger than the 16 MiB heap limit gets a heap of its own, which is right, but XLA also logs a
+    warning for it on every packing pass: 18,133 lines for one compile of the d512 / 8-layer / T512 step.
+    Everything else written meanwhile is replayed when the block ends (a raised error included)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if _HEAP_LIMIT_WARNING not in line]
+            sys.stderr.write("".join(kept))
+
+
+class QuietCompiles:
+    """A jitted function whose compiles, the first call for each argument signature, run inside
+    `without_heap_limit_warnings`; later calls go straight to the jit. `lower` is the jit's."""
+
+    def __init__(self, jitted):
+        self.jitted, self._compiled = jitted, set()
+
+    def __call__(self, *args):
+        leaves, treedef = jax.tree.flatten(args)
+        key = (treedef, tuple((x.shape, x.dtype) if hasattr(x, "shape") else x for x in leaves))
+        if key in self._compiled:
+            return self.jitted(*args)
+        with without_heap_limit_warnings():
+            out = self.jitted(*args)
+        self._compiled.add(key)
+        return out
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
+
+
+def step_jit(fn, cpu_dots: str = "xla", cpu_buffers: str = "reuse", **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)` compiled with `compiler_options(cpu_dots, cpu_buffers)`; where the scratch is
+    split (CPU, "reuse"), wrapped in `QuietCompiles`."""
+    jitted = jax.jit(fn, compiler_options=compiler_options(cpu_dots, cpu_buffers), **jit_kwargs)
+    return QuietCompiles(jitted) if split_scratch(cpu_buffers) else jitted
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,11 +333,11 @@ def build_trainer(cfg: config_lib.Config, mesh, rules) -> Trainer:
         abstract_state=jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract_state, state_shardings),
         init_state=jax.jit(init_state, out_shardings=state_shardings),
-        train_step=jax.jit(make_train_step(shaped[0], tx, lr_schedule, cfg), in_shardings=(state_shardings, batch_sharding),
-                           out_shardings=(state_shardings, None), donate_argnums=(0,),
-                           compiler_options=compiler_options(cfg.train.cpu_dots)),
-        eval_step=jax.jit(make_eval_step(shaped[0]), in_shardings=(state_shardings, batch_sharding),
-                          compiler_options=compiler_options(cfg.train.cpu_dots)),
+        train_step=step_jit(make_train_step(shaped[0], tx, lr_schedule, cfg), cfg.train.cpu_dots, cfg.train.cpu_buffers,
+                            in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                            donate_argnums=(0,)),
+        eval_step=step_jit(make_eval_step(shaped[0]), cfg.train.cpu_dots, cfg.train.cpu_buffers,
+                           in_shardings=(state_shardings, batch_sharding)),
         batch_sharding=batch_sharding,
     )
 

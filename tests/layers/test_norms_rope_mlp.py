@@ -102,3 +102,21 @@ def test_swiglu_bf16_compute_keeps_fp32_params():
     mlp = SwiGLU(8, 16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     assert mlp.gate[...].dtype == jnp.float32
     assert mlp(jnp.ones((1, 2, 8), jnp.float32)).dtype == jnp.bfloat16
+
+
+def test_rope_sin_cos_are_computed_once_per_program_on_cpu():
+    """XLA:CPU counts sin and cos as cheap and would recompute them inside every fusion that reads them (q and k,
+    forward and backward: 4 each here). `rope_sin_cos` computes them in a loop over the batch rows, whose outputs
+    XLA cannot fuse: one sine and one cosine in the compiled program, with the same values as jnp.sin / jnp.cos."""
+    from effax.layers.rope import rope_angles, rope_sin_cos
+
+    assert jax.default_backend() == "cpu"
+    pos = jnp.asarray(np.random.default_rng(4).integers(0, 300, size=(4, 32)))
+    q, k = jnp.ones((4, 32, 4, 16)), jnp.ones((4, 32, 2, 16))
+    loss = lambda q, k: jnp.sum(apply_rope(q, pos) ** 2) + jnp.sum(apply_rope(k, pos) ** 2)  # noqa: E731
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(q, k).compile().as_text()
+    assert hlo.count(" sine(") == 1 and hlo.count(" cosine(") == 1, (hlo.count(" sine("), hlo.count(" cosine("))
+    sin, cos = jax.jit(rope_sin_cos, static_argnums=(1, 2))(pos, 16, 10000.0)
+    angles = rope_angles(pos, 16, 10000.0)
+    np.testing.assert_array_equal(sin, jax.jit(jnp.sin)(angles))
+    np.testing.assert_array_equal(cos, jax.jit(jnp.cos)(angles))

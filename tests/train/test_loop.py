@@ -266,7 +266,7 @@ def test_cpu_dots_choose_the_matmul_kernels():
     def compiled(options):
         return jax.jit(lambda a, b: a @ b, compiler_options=options).lower(a, b).compile().as_text()
 
-    assert config_lib.TrainConfig().cpu_dots == "xla" and loop.compiler_options("ynnpack") is None
+    assert config_lib.TrainConfig().cpu_dots == "xla" and loop.compiler_options("ynnpack", "xla") is None
     assert "__ynn_fusion" in compiled(loop.compiler_options("ynnpack"))
     assert "__ynn_fusion" not in compiled(loop.compiler_options("xla"))
 
@@ -298,3 +298,82 @@ def test_the_loop_compiles_its_train_step_with_train_cpu_dots():
             hlo = trainer.train_step.lower(trainer.abstract_state, trainer.to_global(batch)).compile().as_text()
         dots[cpu_dots] = _ynnpack_dots(hlo)
     assert dots["ynnpack"] > 0 and dots["xla"] == 0, dots
+
+
+def _chain_with_64mib_scratch(x, w):
+    """Four [4096, 1024] matmul outputs (16 MiB each) live at once: XLA plans 64 MiB of scratch."""
+    ys = [x]
+    for _ in range(4):
+        ys.append(ys[-1] @ w)
+    return (sum(ys[1:]) @ w)[:2]
+
+
+@pytest.fixture
+def split_scratch():
+    """The suite runs with JAX's persistent compilation cache on (tests/conftest.py), which turns the split off
+    (`loop.split_scratch`); these tests turn it back on."""
+    import jax
+
+    cache_dir = jax.config.jax_compilation_cache_dir
+    assert cache_dir and not loop.split_scratch("reuse")
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        assert loop.split_scratch("reuse") and not loop.split_scratch("xla")
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+
+
+def test_cpu_buffers_reuse_keeps_the_scratch_mapped(split_scratch):
+    """train.cpu_buffers="reuse" (the default): XLA splits the step's scratch into heaps of at most 16 MiB and
+    glibc's malloc, tuned by `keep_freed_host_memory`, serves and keeps them, so a warm call page-faults almost
+    nothing. The scratch as XLA's one 64 MiB block ("xla") is mapped afresh and faulted in on every call
+    (16,384 pages; docs/benchmarks.md, "Step scratch memory on XLA:CPU")."""
+    import resource
+
+    import jax
+    import jax.numpy as jnp
+
+    if not loop.keep_freed_host_memory():
+        pytest.skip("not glibc: the allocator tuning does not apply")
+    x, w = jnp.full((4096, 1024), 0.01), jnp.full((1024, 1024), 0.01)
+    pages = 64 * 2**20 // resource.getpagesize()
+    faults = {}
+    for cpu_buffers in ("reuse", "xla"):
+        options = loop.compiler_options("xla", cpu_buffers)
+        assert ("xla_multiheap_size_constraint_per_heap" in options) == (cpu_buffers == "reuse")
+        step = jax.jit(_chain_with_64mib_scratch, compiler_options=options).lower(x, w).compile()
+        assert step.memory_analysis().temp_size_in_bytes >= 64 * 2**20
+        for _ in range(4):  # warm-up: each of XLA's threads fills its malloc arena once
+            jax.block_until_ready(step(x, w))
+        per_call = []
+        for _ in range(6):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            jax.block_until_ready(step(x, w))
+            per_call.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        faults[cpu_buffers] = min(per_call)
+    assert faults["reuse"] < pages // 10 and faults["xla"] > pages // 2, (faults, pages)
+
+
+def test_heap_limit_warnings_are_dropped_and_other_stderr_kept(capfd, split_scratch):
+    """A step with a 16+ MiB buffer compiles without XLA's per-heap-limit warnings on stderr (one per buffer and
+    packing pass); everything else written to stderr meanwhile comes through."""
+    import jax
+    import jax.numpy as jnp
+
+    with loop.without_heap_limit_warnings():
+        os.write(2, b"W0000 heap_simulator.cc] Alloc buffer size 33554432 larger than the per-heap size limit 16777216\n")
+        os.write(2, b"something else\n")
+    assert capfd.readouterr().err == "something else\n"
+
+    def f(x):
+        e = jnp.exp(x)  # a 32 MiB buffer
+        return (e @ e.T)[:2]
+
+    x = jnp.full((2048, 4096), 0.01)
+    jax.jit(f, compiler_options=loop.compiler_options()).lower(x).compile()
+    assert "per-heap size limit" in capfd.readouterr().err  # what XLA prints unfiltered
+    step = loop.step_jit(f)
+    assert isinstance(step, loop.QuietCompiles)
+    jax.block_until_ready(step(x))
+    assert "per-heap size limit" not in capfd.readouterr().err
