@@ -95,53 +95,68 @@ _HEAP_LIMIT_WARNING = "larger than the per-heap size limit"
 
 @contextlib.contextmanager
 def without_heap_limit_warnings():
-    """Holds back this process's stderr (file descriptor 2) and replays it without XLA's per-heap-limit warnings.
+    """Holds back this process's stderr (file descriptor 2) and replays it without XLA's per-heap-limit warnings;
+    yields a list that holds the dropped lines afterwards.
 
-    A buffer larger than the 16 MiB heap limit gets a heap of its own, which is right, but XLA also logs a
-    warning for it on every packing pass: 18,133 lines for one compile of the d512 / 8-layer / T512 step.
-    Everything else written meanwhile is replayed when the block ends (a raised error included)."""
+    A buffer larger than the 16 MiB heap limit gets a heap of its own, and XLA logs a warning for it on every
+    packing pass: 18,133 lines for one compile of the d512 / 8-layer / T512 step. Everything else written
+    meanwhile is replayed when the block ends (a raised error included)."""
+    dropped = []
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
-            yield
+            yield dropped
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
-            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
-                    if _HEAP_LIMIT_WARNING not in line]
+            kept = []
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                (dropped if _HEAP_LIMIT_WARNING in line else kept).append(line)
             sys.stderr.write("".join(kept))
 
 
-class QuietCompiles:
-    """A jitted function whose compiles, the first call for each argument signature, run inside
-    `without_heap_limit_warnings`; later calls go straight to the jit. `lower` is the jit's."""
+class SplitScratchStep:
+    """A step compiled ahead of its first call for each argument signature, with the split scratch where that pays.
 
-    def __init__(self, jitted):
-        self.jitted, self._compiled = jitted, set()
+    The compile runs inside `without_heap_limit_warnings`. If XLA had to give some buffer a heap of its own (larger
+    than the 16 MiB limit), the step is compiled again without the split: there the split did not pay (the
+    d512 / 8-layer / T512 step took 1.2x the time and 1.7x the resident memory of XLA's one block, as each of
+    XLA's threads' malloc arenas kept its own copy). `lower` is the split jit's; `compiled` the executable used."""
 
-    def __call__(self, *args):
+    def __init__(self, split, unsplit, static_argnums=()):
+        self.split, self.unsplit, self._compiled = split, unsplit, {}
+        self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
+
+    def compiled(self, *args):
         leaves, treedef = jax.tree.flatten(args)
         key = (treedef, tuple((x.shape, x.dtype) if hasattr(x, "shape") else x for x in leaves))
-        if key in self._compiled:
-            return self.jitted(*args)
-        with without_heap_limit_warnings():
-            out = self.jitted(*args)
-        self._compiled.add(key)
-        return out
+        if key not in self._compiled:
+            with without_heap_limit_warnings() as dropped:
+                executable = self.split.lower(*args).compile()
+            if dropped:
+                executable = self.unsplit.lower(*args).compile()
+            self._compiled[key] = executable
+        return self._compiled[key]
+
+    def __call__(self, *args):
+        return self.compiled(*args)(*(a for i, a in enumerate(args) if i not in self.static_argnums))
 
     def lower(self, *args, **kwargs):
-        return self.jitted.lower(*args, **kwargs)
+        return self.split.lower(*args, **kwargs)
 
 
 def step_jit(fn, cpu_dots: str = "xla", cpu_buffers: str = "reuse", **jit_kwargs):
     """`jax.jit(fn, **jit_kwargs)` compiled with `compiler_options(cpu_dots, cpu_buffers)`; where the scratch is
-    split (CPU, "reuse"), wrapped in `QuietCompiles`."""
+    split (CPU, "reuse"), a `SplitScratchStep` that falls back to XLA's one block when the split does not fit."""
     jitted = jax.jit(fn, compiler_options=compiler_options(cpu_dots, cpu_buffers), **jit_kwargs)
-    return QuietCompiles(jitted) if split_scratch(cpu_buffers) else jitted
+    if not split_scratch(cpu_buffers):
+        return jitted
+    unsplit = jax.jit(fn, compiler_options=compiler_options(cpu_dots, "xla"), **jit_kwargs)
+    return SplitScratchStep(jitted, unsplit, jit_kwargs.get("static_argnums", ()))
 
 
 # ---------------------------------------------------------------------------------------------------
