@@ -3,7 +3,7 @@
     effax train experiments/quickstart.py --workdir runs/quickstart          # `make demo`
     effax train experiments/quickstart.py:smoke --workdir /tmp/smoke         # a tiny model, seconds
 
-Measured (2 CPU cores, docs/benchmarks.md, 2026-12-02): ~4,100 tokens/s, the whole command in under 4 minutes,
+Measured (2 CPU cores, docs/benchmarks.md, 2026-12-02): ~5,400 tokens/s, the whole command in about 3 minutes,
 validation bits-per-byte 2.846 / 2.518 / 2.239 / 2.107 at steps 100 / 200 / 300 / 400 (the byte-unigram
 entropy of English is about 4.5 bits); it ends with a sampled continuation.
 """
