@@ -25,8 +25,8 @@ def rope_sin_cos(positions_BT: jax.Array, head_dim: int, theta: float) -> tuple[
     On XLA:CPU they are computed in a loop over the batch rows. XLA:CPU counts sin and cos as cheap and
     would otherwise recompute them inside every fusion that reads them, once per element of q and of k,
     forward and backward: 16 fusions and ~12M sincos calls per quickstart step at batch 16, where a loop's
-    outputs are computed once (the step in 0.88x the time, same bits; docs/benchmarks.md, "RoPE's sin and
-    cos on XLA:CPU"). Other backends fuse them as XLA likes."""
+    outputs are computed once (the step in 0.90x the time, same bits; docs/benchmarks.md, "Step scratch memory
+    and RoPE's sin / cos on XLA:CPU"). Other backends fuse them as XLA likes."""
     angles_BTF = rope_angles(positions_BT, head_dim, theta)
     if jax.default_backend() != "cpu":
         return jnp.sin(angles_BTF), jnp.cos(angles_BTF)

@@ -51,9 +51,10 @@ CPU_DOTS_OPTIONS = {"xla": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUS
 
 # XLA:CPU allocates a step's scratch as one block (650 MB for the quickstart at batch 16). glibc serves a block
 # that large with a fresh mmap and unmaps it on free, so every step page-faulted and zero-filled it anew: 17% of
-# the step's time in the kernel (perf, docs/benchmarks.md "Step scratch memory on XLA:CPU"). train.cpu_buffers=
-# "reuse" has XLA split the scratch into heaps of at most 16 MiB, under the 32 MiB (glibc's largest) mmap
-# threshold that `keep_freed_host_memory` sets, so the allocator serves them from its arenas and keeps them.
+# the step's time in the kernel (perf; docs/benchmarks.md, "Step scratch memory and RoPE's sin / cos on XLA:CPU").
+# train.cpu_buffers="reuse" has XLA split the scratch into heaps of at most 16 MiB, under the 32 MiB (glibc's
+# largest) mmap threshold that `keep_freed_host_memory` sets, so the allocator serves them from its arenas and
+# keeps them.
 CPU_BUFFERS_OPTIONS = {"reuse": {"xla_multiheap_size_constraint_per_heap": 16 << 20}, "xla": None}
 _MALLOPT = {-3: 32 << 20, -1: 1 << 30, -2: 64 << 20}  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD (malloc.h)
 
@@ -123,7 +124,7 @@ class SplitScratchStep:
     """A step compiled ahead of its first call for each argument signature, with the split scratch where that pays.
 
     The compile runs inside `without_heap_limit_warnings`. If XLA had to give some buffer a heap of its own (larger
-    than the 16 MiB limit), the step is compiled again without the split: there the split did not pay (the
+    than the 16 MiB limit), the step is compiled a second time, without the split: there the split did not pay (the
     d512 / 8-layer / T512 step took 1.2x the time and 1.7x the resident memory of XLA's one block, as each of
     XLA's threads' malloc arenas kept its own copy). `lower` is the split jit's; `compiled` the executable used."""
 

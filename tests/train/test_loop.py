@@ -303,11 +303,11 @@ def test_the_loop_compiles_its_train_step_with_train_cpu_dots():
 @pytest.fixture
 def split_scratch():
     """The suite runs with JAX's persistent compilation cache on (tests/conftest.py), which turns the split off
-    (`loop.split_scratch`); these tests turn it back on."""
+    (`loop.split_scratch`); these tests turn the cache off for their own compiles."""
     import jax
 
     cache_dir = jax.config.jax_compilation_cache_dir
-    assert cache_dir and not loop.split_scratch("reuse")
+    assert loop.split_scratch("reuse") == (not cache_dir)
     jax.config.update("jax_compilation_cache_dir", None)
     try:
         assert loop.split_scratch("reuse") and not loop.split_scratch("xla")
@@ -352,7 +352,7 @@ def test_cpu_buffers_reuse_keeps_the_scratch_mapped():
     """train.cpu_buffers="reuse" (the default): XLA splits the step's scratch into heaps of at most 16 MiB and
     glibc's malloc, tuned by `keep_freed_host_memory`, serves and keeps them, so a warm call page-faults almost
     nothing. The scratch as XLA's one 64 MiB block ("xla") is mapped afresh and faulted in on every call
-    (16,384 pages; docs/benchmarks.md, "Step scratch memory on XLA:CPU")."""
+    (16,384 pages; docs/benchmarks.md, "Step scratch memory and RoPE's sin / cos on XLA:CPU")."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the cache turns the split off
     proc = subprocess.run([sys.executable, "-c", _SCRATCH_FAULTS], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
