@@ -136,8 +136,7 @@ def _planned_bytes(jitted, args) -> int:
     """Peak memory XLA plans for the compiled program: arguments + outputs + temporaries."""
     from effax.train import loop
 
-    with loop.without_heap_limit_warnings():
-        m = jitted.lower(*args).compile().memory_analysis()
+    m = loop.compiled_step(jitted, *args).memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
 
 

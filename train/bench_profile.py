@@ -184,13 +184,12 @@ def op_times(trace_dir: str, ops: dict) -> dict[str, float]:
 def profile(cfg, *, steps: int, warmup: int) -> dict:
     import jax
 
+    from effax.train import loop
     from effax.train.bench import trainer_and_batches
 
     with trainer_and_batches(cfg) as (cfg, trainer, device_batches):
         state = trainer.init_state()
-        step = trainer.train_step  # the executable the loop runs (loop.SplitScratchStep picks one on CPU)
-        compiled = (step.compiled if hasattr(step, "compiled") else lambda *a: step.lower(*a).compile())(
-            state, device_batches[0])
+        compiled = loop.compiled_step(trainer.train_step, state, device_batches[0])  # the executable the loop runs
         ops = parse_hlo(compiled.as_text())
         for i in range(warmup):
             state, metrics = trainer.train_step(state, device_batches[i % 4])

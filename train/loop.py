@@ -150,6 +150,12 @@ class SplitScratchStep:
         return self.split.lower(*args, **kwargs)
 
 
+def compiled_step(step, *args):
+    """The executable that `step` (a `step_jit` result) runs for these arguments: a `SplitScratchStep`'s choice,
+    or the jit's own compile."""
+    return step.compiled(*args) if isinstance(step, SplitScratchStep) else step.lower(*args).compile()
+
+
 def step_jit(fn, cpu_dots: str = "xla", cpu_buffers: str = "reuse", **jit_kwargs):
     """`jax.jit(fn, **jit_kwargs)` compiled with `compiler_options(cpu_dots, cpu_buffers)`; where the scratch is
     split (CPU, "reuse"), a `SplitScratchStep` that falls back to XLA's one block when the split does not fit."""
