@@ -16,8 +16,8 @@ Three tables:
 3. `auto`'s CPU threshold: causal forward+backward at 4,096 tokens per batch (T 256 to 2048) of the
    all-pairs einsum, impl="xla" and the blockwise path.
 
-Everything is compiled as the training loop compiles its step (`loop.compiler_options`: on CPU, XLA's own
-dots). Times are the median of --repeats calls after one untimed call (compilation); variants are
+Everything is compiled as the training loop compiles its step (`loop.step_jit`: on CPU, XLA's own dots and
+the split scratch). Times are the median of --repeats calls after one untimed call (compilation); variants are
 interleaved so that load on a shared machine spreads over all of them.
 """
 
@@ -70,7 +70,7 @@ def _spans_einsums_only(q_BTHP, k_BTKP, v_BTKP, mask):
 
 def _jax_fns(impl, mask, cotangent):
     """(forward, forward+backward) as jitted functions of (q, k, v), compiled as the training loop compiles
-    its step (`loop.compiler_options`); impl "all pairs" is the masked einsum over every T x T pair, "span
+    its step (`loop.step_jit`); impl "all pairs" is the masked einsum over every T x T pair, "span
     einsums only" `_spans_einsums_only`."""
     import math
 
